@@ -1,0 +1,27 @@
+"""Shared KFP settings for every component: the project image and the component decorator."""
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from kfp import dsl
+
+if TYPE_CHECKING:  # importing it at run time inside a running component is a circular import in kfp
+    from kfp.dsl.python_component import PythonComponent
+
+# The project image (built from the repository's Dockerfile). Components are lightweight KFP components whose
+# body only imports the project's own code, so the image must contain this distribution; kfp itself is
+# installed in the image too, hence install_kfp_package=False.
+BASE_IMAGE = "ghcr.io/visionpipe/visionpipe:0.1.0"
+
+
+def component(func: Callable[..., None]) -> "PythonComponent":
+    """`@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)` for a thin component function.
+
+    Inside a running component KFP imports `kfp.dsl` in runtime mode (`_KFP_RUNTIME=true`), without its
+    decorators; the component body then imports this module to reach the core function, so the decorator is
+    skipped there (the undecorated function is never called in that process).
+    """
+    decorator = getattr(dsl, "component", None)
+    if decorator is None:
+        return func
+    return decorator(base_image=BASE_IMAGE, install_kfp_package=False)(func)

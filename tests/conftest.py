@@ -1,0 +1,53 @@
+"""Shared fixtures: a real SeaweedFS S3 server on loopback, and the S3 environment pointing at it."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from s3server import S3Server, seaweedfs
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+os.environ.setdefault("VISIONPIPE_S3_ATTEMPTS", "2")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS with S3 authentication on, started once per test session, stopped by PID."""
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """Point visionpipe's S3 settings (environment variables) at the test server."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_env: S3Server) -> str:
+    """A fresh bucket on the test server, as an s3:// URI."""
+    from serving import storage
+
+    uri = f"s3://vp-{uuid.uuid4().hex[:12]}"
+    storage.ensure_bucket(uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def mnist_train_dir() -> Path:
+    path = SHARED_DATASETS / "mnist-5k-train"
+    if not path.is_dir():
+        pytest.skip(f"{path} not present")
+    return path
