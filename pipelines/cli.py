@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir", type=Path, default=Path("runs"), help="pipeline root for artifacts")
     run.set_defaults(func=_cmd_run)
 
+    demo = sub.add_parser("demo", help="the demo: run the pipeline on built-in digits (what `make demo` does)")
+    demo.add_argument("--runs-dir", type=Path, default=Path("runs"), help="pipeline root for artifacts")
+    demo.set_defaults(func=_cmd_demo, param=[], source=None)
+
     params = sub.add_parser("params", help="list the training pipeline's parameters and defaults")
     params.set_defaults(func=_cmd_params)
 
@@ -67,6 +71,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(result.artifact_path("data_summary").read_text())
     print(f"Artifacts: {result.pipeline_root} ({result.seconds:.1f} s)")
     return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    print("visionpipe demo: the training pipeline on builtin://sklearn-digits through kfp.local\n")
+    return _cmd_run(args)
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
