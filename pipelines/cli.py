@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     params = sub.add_parser("params", help="list the training pipeline's parameters and defaults")
     params.set_defaults(func=_cmd_params)
 
+    check = sub.add_parser("validate-bundle", help="verify a published bundle (local folder or s3://)")
+    check.add_argument("uri", help="bundle folder or s3://bucket/name/version")
+    check.set_defaults(func=_cmd_validate_bundle)
+
     comp = sub.add_parser("compile", help="compile the pipelines to pipelines/compiled/*.yaml")
     comp.add_argument("--check", action="store_true", help="exit 1 when the checked-in YAML is stale")
     comp.add_argument("--out", type=Path, default=None, help="output folder (default pipelines/compiled)")
@@ -85,6 +89,14 @@ def _cmd_params(args: argparse.Namespace) -> int:
     for name, param in pipeline_parameters(training_pipeline).items():
         print(f"{name} = {param.default!r}")
     return 0
+
+
+def _cmd_validate_bundle(args: argparse.Namespace) -> int:
+    from serving.bundle import verify_report
+
+    ok, report = verify_report(args.uri)
+    print(report)
+    return 0 if ok else 1
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:

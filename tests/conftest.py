@@ -51,3 +51,21 @@ def mnist_train_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real phase outputs on built-in digits with a tiny training budget: Dataset, model, logits, decisions."""
+    from components.calibration import run as calibrate
+    from components.data_fetch import run as fetch
+    from components.recipes import load_recipe
+    from components.supervised_train import run as train
+    from components.threshold_sweep import run as sweep
+
+    root = tmp_path_factory.mktemp("trained")
+    fetch("builtin://sklearn-digits", root / "ds", seed=0)
+    recipe = load_recipe("digits-cnn", {"epochs": 2, "preprocess": {"kind": "standard"}})
+    train(root / "ds", root / "model", root / "logits", recipe, root / "ckpt", log=lambda _msg: None)
+    sweep(root / "logits", root / "thr", bootstrap=50)
+    calibrate(root / "logits", root / "thr", root / "cal")
+    return root

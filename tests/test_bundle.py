@@ -1,0 +1,222 @@
+"""The bundle contract: assembly + validation, fail-closed reading, export to S3 / local, validate-bundle CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.bundle_validation import Gates, ValidationFailed
+from components.bundle_validation import run as validate
+from components.export import ExportError
+from components.export import run as export
+from pipelines.cli import main
+from serving import bundle as B
+from serving import storage
+
+
+@pytest.fixture(scope="module")
+def candidate(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("candidate") / "bundle"
+    validate(
+        trained / "ds",
+        trained / "model",
+        trained / "logits",
+        trained / "cal",
+        out,
+        threshold_dir=trained / "thr",
+        gates=Gates(min_accuracy=0.5),
+        name="digits-test",
+    )
+    return out
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "copy"
+    shutil.copytree(src, dest)
+    return dest
+
+
+def _edit_manifest(root: Path, edit: Callable[[dict[str, object]], None]) -> None:
+    manifest = json.loads((root / B.BUNDLE_FILE).read_text())
+    edit(manifest)
+    (root / B.BUNDLE_FILE).write_text(json.dumps(manifest))
+
+
+def test_valid_candidate_loads_and_reproduces_reported_metrics(candidate: Path) -> None:
+    bundle = B.read_bundle(candidate)
+    assert bundle.classes == tuple(str(d) for d in range(10))
+    assert bundle.signature == "v1/grayscale+resize28+norm(0.5,0.5)"
+    manifest = bundle.manifest
+    assert set(manifest["files"]) == {"weights/member-0.safetensors", "model_card.json"}  # type: ignore[arg-type]
+    card = json.loads((candidate / B.MODEL_CARD_FILE).read_text())
+    assert card["name"] == "digits-test" and card["version"] == manifest["version"]
+    assert "validation.md" in {p.name for p in (candidate / "reports").iterdir()}
+    provenance = manifest["provenance"]
+    assert isinstance(provenance, dict) and provenance["recipe_hash"] and provenance["data_fingerprint"]
+
+
+def _tamper_weights(root: Path) -> None:
+    path = root / "weights" / "member-0.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _remove_field(root: Path) -> None:
+    _edit_manifest(root, lambda m: m.pop("calibrator"))
+
+
+def _change_signature(root: Path) -> None:
+    def edit(m: dict[str, object]) -> None:
+        pre = m["preprocessing"]
+        assert isinstance(pre, dict)
+        pre["signature"] = "v1/grayscale+resize32+norm(0.5,0.5)"
+
+    _edit_manifest(root, edit)
+
+
+def _absent_active_policy(root: Path) -> None:
+    def edit(m: dict[str, object]) -> None:
+        policy = m["policy"]
+        assert isinstance(policy, dict)
+        policy["active"] = "no-such-policy"
+
+    _edit_manifest(root, edit)
+
+
+def _unknown_schema(root: Path) -> None:
+    _edit_manifest(root, lambda m: m.update(schema_version=99))
+
+
+def _no_manifest(root: Path) -> None:
+    (root / B.BUNDLE_FILE).unlink()
+
+
+def _pickle_weights(root: Path) -> None:
+    def edit(m: dict[str, object]) -> None:
+        members = m["members"]
+        assert isinstance(members, list)
+        members[0]["weights"] = "weights/member-0.pt"
+
+    _edit_manifest(root, edit)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "error", "reason", "message"),
+    [
+        (_tamper_weights, B.ChecksumMismatch, "checksum_mismatch", "member-0.safetensors: sha256"),
+        (_remove_field, B.MissingField, "missing_field", "missing field 'calibrator'"),
+        (_change_signature, B.SignatureMismatch, "preprocessing_signature", "resize32"),
+        (_absent_active_policy, B.InconsistentPolicy, "inconsistent_policy", "no-such-policy"),
+        (_unknown_schema, B.UnknownSchema, "unknown_schema", "schema_version=99"),
+        (_no_manifest, B.IncompleteBundle, "incomplete", "half uploaded"),
+        (_pickle_weights, B.ChecksumMismatch, "checksum_mismatch", "member-0.pt"),
+    ],
+)
+def test_bundle_refused_with_named_reason(
+    candidate: Path,
+    tmp_path: Path,
+    tamper: Callable[[Path], None],
+    error: type[B.BundleError],
+    reason: str,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root = _copy(candidate, tmp_path)
+    tamper(root)
+    with pytest.raises(error, match=message) as err:
+        B.read_bundle(root)
+    assert err.value.reason == reason
+    assert main(["validate-bundle", str(root)]) == 1
+    assert f"REFUSED [{reason}]" in capsys.readouterr().out
+
+
+def test_validate_bundle_cli_accepts_good_bundle(candidate: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate-bundle", str(candidate)]) == 0
+    assert "OK digits-test" in capsys.readouterr().out
+
+
+def test_val_test_overlapping_train_fails_split_contract(trained: Path, tmp_path: Path) -> None:
+    ds = tmp_path / "ds"
+    shutil.copytree(trained / "ds", ds)
+    splits = json.loads((ds / "splits.json").read_text())
+    leaked = splits["splits"]["train"]["hashes"][:3]
+    splits["splits"]["val_test"]["hashes"] = sorted(splits["splits"]["val_test"]["hashes"] + leaked)
+    # The split members stay as they were; only the recorded val_test content overlaps train now.
+    (ds / "splits.json").write_text(json.dumps(splits))
+    meta = json.loads((ds / "dataset.json").read_text())
+    train_idx = splits["splits"]["train"]["indices"][:3]
+    test_idx = splits["splits"]["val_test"]["indices"][:3]
+    for t, v in zip(train_idx, test_idx, strict=True):
+        meta["hashes"][v] = meta["hashes"][t]  # val_test images whose content equals train images
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    out = tmp_path / "bundle"
+    with pytest.raises(ValidationFailed, match=r"split_contract \(val_test shares 3 image\(s\) with train"):
+        validate(ds, trained / "model", trained / "logits", trained / "cal", out, trained / "thr")
+    assert not (out / B.BUNDLE_FILE).exists()  # fail closed
+
+
+def test_failed_quality_gate_names_every_failed_check(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    with pytest.raises(ValidationFailed) as err:
+        validate(
+            trained / "ds",
+            trained / "model",
+            trained / "logits",
+            trained / "cal",
+            out,
+            trained / "thr",
+            gates=Gates(min_accuracy=0.9999, max_ece=0.0),
+        )
+    assert "gate_accuracy" in str(err.value) and "gate_ece" in str(err.value)
+    assert "**FAIL**" in (out / "reports" / "validation.md").read_text()
+    assert not (out / B.BUNDLE_FILE).exists()
+
+
+def test_champion_gate(candidate: Path, trained: Path, tmp_path: Path) -> None:
+    ok = validate(
+        trained / "ds",
+        trained / "model",
+        trained / "logits",
+        trained / "cal",
+        tmp_path / "same",
+        trained / "thr",
+        gates=Gates(champion_uri=str(candidate)),
+    )
+    assert any(c.name == "champion" and c.ok for c in ok.checks)
+
+
+def test_bundle_model_probabilities_sum_to_one(candidate: Path) -> None:
+    runtime = B.BundleModel(B.read_bundle(candidate))
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 8, 8, 1), dtype=np.uint8)
+    prediction = runtime.predict_images(images)
+    np.testing.assert_allclose(prediction.raw_probs.sum(1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(prediction.calibrated_probs.sum(1), 1.0, atol=1e-9)
+
+
+def test_export_to_s3_and_load_back(candidate: Path, s3_bucket: str, tmp_path: Path) -> None:
+    result = export(candidate, f"{s3_bucket}/models")
+    version = B.read_bundle(candidate).version
+    assert result.uri == f"{s3_bucket}/models/digits-test/{version}"
+    loaded = B.read_bundle(result.uri, cache_dir=tmp_path)
+    assert loaded.manifest == B.read_bundle(candidate).manifest
+    assert storage.exists(f"{result.uri}/reports/validation.md")
+    with pytest.raises(ExportError, match="versions are immutable"):
+        export(candidate, f"{s3_bucket}/models")
+
+
+def test_half_uploaded_s3_bundle_is_refused(candidate: Path, s3_bucket: str) -> None:
+    uri = f"{s3_bucket}/partial/v1"
+    storage.upload_file(candidate / "weights" / "member-0.safetensors", f"{uri}/weights/member-0.safetensors")
+    with pytest.raises(B.IncompleteBundle, match=r"no bundle\.json"):
+        B.read_bundle(uri)
+
+
+def test_export_to_local_folder(candidate: Path, tmp_path: Path) -> None:
+    result = export(candidate, str(tmp_path / "bundles"))
+    assert B.read_bundle(result.uri).version == B.read_bundle(candidate).version
