@@ -39,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("uri", help="bundle folder or s3://bucket/name/version")
     check.set_defaults(func=_cmd_validate_bundle)
 
+    serve = sub.add_parser("serve", help="serve a bundle with KServe's ModelServer (binds 127.0.0.1 by default)")
+    from serving.server import add_serve_arguments
+
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    from pipelines.canary import register as register_canary
+
+    register_canary(sub)
+
     comp = sub.add_parser("compile", help="compile the pipelines to pipelines/compiled/*.yaml")
     comp.add_argument("--check", action="store_true", help="exit 1 when the checked-in YAML is stale")
     comp.add_argument("--out", type=Path, default=None, help="output folder (default pipelines/compiled)")
@@ -97,6 +107,16 @@ def _cmd_validate_bundle(args: argparse.Namespace) -> int:
     ok, report = verify_report(args.uri)
     print(report)
     return 0 if ok else 1
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from serving.server import serve
+
+    if not args.bundle:
+        print("visionpipe serve: give --bundle URI (a folder or s3://bucket/name/version)", file=sys.stderr)
+        return 2
+    serve(args, args.bundle)
+    return 0
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:

@@ -100,15 +100,32 @@ def to_model_input(images: npt.NDArray[np.uint8], spec: PreprocessSpec) -> torch
         images = images[..., None]
     if images.ndim != 4 or images.dtype != np.uint8:
         raise PreprocessError(f"expected uint8 images (N, H, W, C); got {images.dtype} {images.shape}")
+    if spec.kind == "digit-upload":
+        images = normalise_digits(images)
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
     x = _convert_channels(x, spec.channels)
     if x.shape[-2:] != (spec.size, spec.size):
-        x = F.interpolate(
-            x, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True
-        )
+        x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=x.dtype).view(1, -1, 1, 1)
     return (x - mean) / std
+
+
+def normalise_digits(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """MNIST-style normalisation of every image (serving/upload.py), for the ``digit-upload`` kind.
+
+    Training, validation and serving all pass through here, so a photo is normalised exactly as the training
+    images were."""
+    from PIL import Image
+
+    from serving.upload import normalise_digit_photo
+
+    grey = (
+        images
+        if images.shape[3] == 1
+        else np.asarray([np.asarray(Image.fromarray(img).convert("L")) for img in images])[..., None]
+    )
+    return np.stack([normalise_digit_photo(Image.fromarray(img[..., 0], mode="L")) for img in grey])[..., None]
 
 
 def _convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:

@@ -69,3 +69,23 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sweep(root / "logits", root / "thr", bootstrap=50)
     calibrate(root / "logits", root / "thr", root / "cal")
     return root
+
+
+@pytest.fixture(scope="session")
+def candidate(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A validated bundle (multi-class digits) assembled by bundle_validation from the `trained` outputs."""
+    from components.bundle_validation import Gates
+    from components.bundle_validation import run as validate
+
+    out = tmp_path_factory.mktemp("candidate") / "bundle"
+    validate(
+        trained / "ds",
+        trained / "model",
+        trained / "logits",
+        trained / "cal",
+        out,
+        threshold_dir=trained / "thr",
+        gates=Gates(min_accuracy=0.5),
+        name="digits-test",
+    )
+    return out

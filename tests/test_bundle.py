@@ -19,22 +19,6 @@ from serving import bundle as B
 from serving import storage
 
 
-@pytest.fixture(scope="module")
-def candidate(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("candidate") / "bundle"
-    validate(
-        trained / "ds",
-        trained / "model",
-        trained / "logits",
-        trained / "cal",
-        out,
-        threshold_dir=trained / "thr",
-        gates=Gates(min_accuracy=0.5),
-        name="digits-test",
-    )
-    return out
-
-
 def _copy(src: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "copy"
     shutil.copytree(src, dest)
