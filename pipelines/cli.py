@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipelines.local import LocalRun
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,11 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="any pipeline parameter, e.g. -p seed=3 (repeatable); `visionpipe params` lists them",
     )
     run.add_argument("--runs-dir", type=Path, default=Path("runs"), help="pipeline root for artifacts")
+    run.add_argument("--bundles-dir", type=Path, default=Path("bundles"), help="default export destination")
     run.set_defaults(func=_cmd_run)
 
     demo = sub.add_parser("demo", help="the demo: run the pipeline on built-in digits (what `make demo` does)")
     demo.add_argument("--runs-dir", type=Path, default=Path("runs"), help="pipeline root for artifacts")
-    demo.set_defaults(func=_cmd_demo, param=[], source=None)
+    demo.add_argument("--bundles-dir", type=Path, default=Path("bundles"), help="where the bundle is published")
+    demo.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="pipeline parameter")
+    demo.set_defaults(func=_cmd_demo, source=None)
 
     params = sub.add_parser("params", help="list the training pipeline's parameters and defaults")
     params.set_defaults(func=_cmd_params)
@@ -48,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.canary import register as register_canary
 
     register_canary(sub)
+    from pipelines.kfp_client import register as register_kfp
+
+    register_kfp(sub)
 
     comp = sub.add_parser("compile", help="compile the pipelines to pipelines/compiled/*.yaml")
     comp.add_argument("--check", action="store_true", help="exit 1 when the checked-in YAML is stale")
@@ -63,33 +74,71 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        result = _run_training(args)
+    except CliError as exc:
+        return exc.report()
+    from pipelines.demo import summarise_run
+
+    print()
+    print(result.artifact_path("data_summary").read_text())
+    summary = summarise_run(result)
+    print(summary.report)
+    print(f"Bundle: {summary.bundle_uri}\nArtifacts: {summary.run_dir} ({result.seconds:.1f} s)")
+    return 0
+
+
+class CliError(Exception):
+    """A command failed in a way the user can fix; carries the exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def report(self) -> int:
+        print(f"visionpipe: {self}", file=sys.stderr)
+        return self.code
+
+
+def _run_training(args: argparse.Namespace) -> LocalRun:
     from pipelines.local import ParameterError, parse_parameters, run_pipeline
     from pipelines.training import training_pipeline
 
     try:
         arguments = parse_parameters(training_pipeline, args.param)
     except ParameterError as exc:
-        print(f"visionpipe run: {exc}", file=sys.stderr)
-        return 2
+        raise CliError(str(exc), 2) from exc
     if args.source:
         arguments["source"] = args.source
+    arguments.setdefault("destination", str(args.bundles_dir.resolve()))
     try:
-        result = run_pipeline(training_pipeline, arguments, args.runs_dir)
+        return run_pipeline(training_pipeline, arguments, args.runs_dir)
     except RuntimeError as exc:
-        print(
-            f"\nvisionpipe run: the pipeline failed: {exc}\n(the failing step's log is above)",
-            file=sys.stderr,
-        )
-        return 1
-    print()
-    print(result.artifact_path("data_summary").read_text())
-    print(f"Artifacts: {result.pipeline_root} ({result.seconds:.1f} s)")
-    return 0
+        raise CliError(f"the pipeline failed: {exc}\n(the failing step's log is above)", 1) from exc
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    print("visionpipe demo: the training pipeline on builtin://sklearn-digits through kfp.local\n")
-    return _cmd_run(args)
+    from pipelines.demo import classify_over_http, summarise_run
+
+    started = time.monotonic()
+    print("visionpipe demo: the seven phases on builtin://sklearn-digits through kfp.local\n", flush=True)
+    try:
+        result = _run_training(args)
+    except CliError as exc:
+        return exc.report()
+    pipeline_seconds = time.monotonic() - started
+    summary = summarise_run(result)
+    print("\n" + "=" * 100)
+    print(result.artifact_path("data_summary").read_text())
+    for text in summary.decision_summaries:
+        print(text)
+    print(summary.report)
+    print(f"Bundle published at {summary.bundle_uri}")
+    print(f"Pipeline artifacts under {summary.run_dir} (pipeline {pipeline_seconds:.0f} s)\n", flush=True)
+    dataset_dir = result.artifact_path("dataset")
+    print(classify_over_http(summary.bundle_uri, dataset_dir))
+    print(f"\nvisionpipe demo: done in {time.monotonic() - started:.0f} s")
+    return 0
 
 
 def _cmd_params(args: argparse.Namespace) -> int:

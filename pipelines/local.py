@@ -51,15 +51,11 @@ def parse_parameters(pipeline: object, pairs: list[str]) -> dict[str, object]:
     return out
 
 
-def run_pipeline(
-    pipeline: Callable[..., object], arguments: Mapping[str, object], runs_dir: Path
-) -> LocalRun:
+def run_pipeline(pipeline: Callable[..., object], arguments: Mapping[str, object], runs_dir: Path) -> LocalRun:
     """Run `pipeline` with kfp.local; artifacts land under `runs_dir` (one folder per run)."""
     runs_dir = runs_dir.resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs_dir), raise_on_error=True
-    )
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs_dir), raise_on_error=True)
     started = time.monotonic()
     task = pipeline(**arguments)
     outputs = dict(getattr(task, "outputs", {}) or {})

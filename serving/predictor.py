@@ -21,6 +21,7 @@ import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Literal
 
 import kserve
@@ -32,6 +33,7 @@ from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, In
 from PIL import Image, ImageOps
 
 from serving.bundle import BundleError, BundleModel, read_bundle
+from serving.hard_examples import HardExampleLogger
 from serving.policies import ABSTAIN, apply_policy
 from serving.preprocessing import PreprocessSpec, to_model_input
 from serving.tta import TTA_MODES, average_tta, tta_batch
@@ -84,8 +86,15 @@ class Answers:
 class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no type information
     """A kserve.Model over one bundle, or an ensemble of bundles with one preprocessing signature."""
 
-    def __init__(self, name: str, bundle_uris: Sequence[str], config: ServeConfig | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        bundle_uris: Sequence[str],
+        config: ServeConfig | None = None,
+        hard_examples: HardExampleLogger | None = None,
+    ) -> None:
         super().__init__(name)
+        self.hard_examples = hard_examples
         if not bundle_uris:
             raise ValueError("at least one bundle URI is needed")
         self.bundle_uris = list(bundle_uris)
@@ -140,6 +149,10 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         self, result: Answers, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None
     ) -> dict[str, object] | InferResponse:
         records = self.records(result)
+        if self.hard_examples is not None:  # never raises; uploads happen on a background thread
+            self.hard_examples.records_to_log(
+                records, result.batch.images, when=datetime.now(UTC), request_id=result.batch.request_id
+            )
         if result.batch.protocol == "v1":
             return {"predictions": records}
         return self._v2_response(result, records)

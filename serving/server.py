@@ -35,12 +35,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve(args: argparse.Namespace, bundles: Sequence[str]) -> None:
+    from serving.hard_examples import HardExampleConfig, HardExampleLogger
     from serving.predictor import ServeConfig, VisionPredictor
     from serving.upload import InputLimits
 
     limits = InputLimits(max_bytes=args.max_bytes, max_side=args.max_side)
     config = ServeConfig(tta=args.tta, limits=limits, max_batch=args.max_batch)
-    predictor = VisionPredictor(args.model_name, list(bundles), config)
+    hard = HardExampleConfig.from_env()  # VISIONPIPE_HARD_EXAMPLES=s3://bucket/prefix turns logging on
+    predictor = VisionPredictor(args.model_name, list(bundles), config, HardExampleLogger(hard) if hard else None)
     predictor.load()
     print(
         f"serving {args.model_name} ({predictor.ensemble_version}) on http://{args.host}:{args.http_port}", flush=True

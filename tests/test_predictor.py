@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -59,9 +60,15 @@ def upload_bundle(candidate: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def server(candidate: Path, upload_bundle: Path) -> Iterator[tuple[ServerProcess, int]]:
+def hard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hard-examples")
+
+
+@pytest.fixture(scope="module")
+def server(candidate: Path, upload_bundle: Path, hard_dir: Path) -> Iterator[tuple[ServerProcess, int]]:
     http_port, grpc_port = free_port(), free_port()
     spec = {
+        "digits-logged": {"bundles": [str(candidate)], "hard_examples": str(hard_dir)},
         "digits": {"bundles": [str(candidate)]},
         "digits-tta": {"bundles": [str(candidate)], "tta": "17"},
         "digits-ensemble": {"bundles": [str(candidate), str(candidate)]},
@@ -262,3 +269,16 @@ def test_bad_v2_inputs(server: tuple[ServerProcess, int]) -> None:
     assert status == 404
     status, _ = _v1(server[0], "digits", [np.zeros((8, 8)).tolist()])
     assert status == 200
+
+
+def test_hard_examples_are_logged_with_their_images(server: tuple[ServerProcess, int], hard_dir: Path) -> None:
+    noise = np.random.default_rng(1).integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    status, _ = _v1(server[0], "digits-logged", [img.tolist() for img in noise])
+    assert status == 200
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(list(hard_dir.rglob("*.json"))) < 3:
+        time.sleep(0.2)
+    records = [json.loads(p.read_text()) for p in hard_dir.rglob("*.json")]
+    assert len(records) == 3 and len(list(hard_dir.rglob("*.png"))) == 3
+    assert {r["reason"] for r in records} <= {"abstain", "low_margin"}
+    assert all("/unlabelled/" in str(p) for p in hard_dir.rglob("*.png"))
