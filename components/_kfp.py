@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # importing it at run time inside a running component is a ci
 BASE_IMAGE = "ghcr.io/visionpipe/visionpipe:0.1.0"
 
 
-def component(func: Callable[..., None]) -> "PythonComponent":
+def component(func: Callable[..., object]) -> "PythonComponent":
     """`@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)` for a thin component function.
 
     Inside a running component KFP imports `kfp.dsl` in runtime mode (`_KFP_RUNTIME=true`), without its

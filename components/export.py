@@ -78,9 +78,10 @@ def export(
     published: Output[Artifact],
     summary: Output[Markdown],
     destination: str = "bundles",
-) -> None:
+) -> str:
     """Publish the validated bundle to <destination>/<name>/<version>/ (a local folder or s3://bucket/prefix,
-    credentials from the environment), checksums verified after upload, bundle.json last, then re-verified."""
+    credentials from the environment), checksums verified after upload, bundle.json last, then re-verified.
+    Returns the published URI (a KServe storageUri)."""
     import json
     from pathlib import Path
 
@@ -91,3 +92,4 @@ def export(
     Path(published.path).parent.mkdir(parents=True, exist_ok=True)
     Path(published.path).write_text(json.dumps({"uri": result.uri, "version": result.version}) + "\n")
     Path(summary.path).write_text(f"## Export\n\nPublished `{result.uri}` ({result.files} files).\n")
+    return result.uri

@@ -23,7 +23,16 @@ def _training() -> object:
     return training_pipeline
 
 
-PIPELINES: tuple[PipelineEntry, ...] = (PipelineEntry("training", _training),)
+def _monthly() -> object:
+    from pipelines.monthly_retrain import monthly_retrain_pipeline
+
+    return monthly_retrain_pipeline
+
+
+PIPELINES: tuple[PipelineEntry, ...] = (
+    PipelineEntry("training", _training),
+    PipelineEntry("monthly-retrain", _monthly),
+)
 
 
 def compile_pipeline(entry: PipelineEntry, out_dir: Path) -> Path:

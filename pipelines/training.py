@@ -33,7 +33,7 @@ class TrainingOutputs(NamedTuple):
     data_summary: Markdown
 
 
-def _training_resources(task: dsl.PipelineTask) -> None:
+def training_resources(task: dsl.PipelineTask) -> None:
     """Cluster resources for the training steps (ignored by kfp.local); retries resume from the checkpoint."""
     task.set_cpu_request("2").set_memory_request("4G").set_memory_limit("16G")
     task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
@@ -163,20 +163,20 @@ def training_pipeline(
             max_steps=pretrain_max_steps,
             seed=seed,
         ).set_display_name("domain_pretrain")
-        _training_resources(pretrain)
+        training_resources(pretrain)
         adapted = supervised_train(
             dataset=dataset,
             recipe=recipe,
             recipe_overrides_json=recipe_overrides_json,
             backbone=pretrain.outputs["backbone"],
         ).set_display_name("supervised_train")
-        _training_resources(adapted)
+        training_resources(adapted)
         decide_validate_export(dataset, adapted, decisions, release, destination)
     with dsl.Else(name="domain-pretrain-off"):
         scratch = supervised_train(
             dataset=dataset, recipe=recipe, recipe_overrides_json=recipe_overrides_json
         ).set_display_name("supervised_train")
-        _training_resources(scratch)
+        training_resources(scratch)
         decide_validate_export(dataset, scratch, decisions, release, destination)
     kubernetes.use_secret_as_env(fetch, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS, optional=True)
     return TrainingOutputs(dataset=dataset, data_summary=fetch.outputs["summary"])

@@ -289,9 +289,13 @@ class BundleModel:
         ]
         return self.decide(np.concatenate(parts) if parts else np.zeros((0, len(self.bundle.classes))))
 
-    def decide(self, log_probs: FloatArray) -> Prediction:
-        raw = _softmax(log_probs)
+    def probabilities(self, log_probs: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """(raw softmax, calibrated) probabilities of ensemble log-probabilities."""
         calibrated = np.asarray(self.bundle.calibrator.probabilities(log_probs), dtype=np.float64)
+        return _softmax(log_probs), calibrated
+
+    def decide(self, log_probs: FloatArray) -> Prediction:
+        raw, calibrated = self.probabilities(log_probs)
         return Prediction(raw, calibrated, apply_policy(self.bundle.policy, calibrated, raw))
 
 

@@ -162,10 +162,9 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         """(raw, calibrated) probabilities: members' softmax averaged over TTA variants and bundles."""
         raws, cals = [], []
         for runtime in self.runtimes:
-            log_probs = self._log_probs_tta(runtime, x)
-            prediction = runtime.decide(log_probs)
-            raws.append(prediction.raw_probs)
-            cals.append(prediction.calibrated_probs)
+            raw, calibrated = runtime.probabilities(self._log_probs_tta(runtime, x))
+            raws.append(raw)
+            cals.append(calibrated)
         return np.mean(raws, axis=0), np.mean(cals, axis=0)
 
     def _log_probs_tta(self, runtime: BundleModel, x: torch.Tensor) -> FloatArray:

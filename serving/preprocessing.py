@@ -102,6 +102,8 @@ def to_model_input(images: npt.NDArray[np.uint8], spec: PreprocessSpec) -> torch
         raise PreprocessError(f"expected uint8 images (N, H, W, C); got {images.dtype} {images.shape}")
     if spec.kind == "digit-upload":
         images = normalise_digits(images)
+    if not images.flags.writeable:  # e.g. np.asarray(PIL image); torch wants a writable buffer
+        images = images.copy()
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
     x = _convert_channels(x, spec.channels)
     if x.shape[-2:] != (spec.size, spec.size):

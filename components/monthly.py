@@ -1,0 +1,174 @@
+"""Components of the monthly retrain: the month's data (+ labelled hard examples), the champion as warm start,
+and the optional canary that patches the InferenceService through the Kubernetes API.
+
+Data layout (documented in docs/monthly.md):
+
+    <data_prefix>/<YYYY-MM>/<class>/<image>                  the month's new labelled images
+    <hard_examples_prefix>/<YYYY-MM>/labelled/<class>/<image> hard examples logged by serving, once labelled
+
+An empty `data_month` is resolved inside the component (KFP's schedule-time placeholders crash kfp.local) to
+the previous calendar month in UTC: a run scheduled on the 1st retrains on the month that just ended.
+"""
+
+# No `from __future__ import annotations` here: KFP reads the component signature at import time.
+
+import datetime as dt
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from kfp.dsl import Dataset, Markdown, Model, Output
+
+from components._kfp import component
+
+ISVC_GROUP, ISVC_VERSION, ISVC_PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+
+
+class MonthlyError(ValueError):
+    """The month's inputs are missing or malformed; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class MonthData:
+    month: str
+    folder: Path
+    new_images: dict[str, int]
+    hard_examples: dict[str, int]
+
+
+def resolve_month(data_month: str, today: dt.date | None = None) -> str:
+    """`YYYY-MM` as given, or the previous calendar month (UTC) when empty."""
+    if data_month:
+        try:
+            dt.datetime.strptime(data_month, "%Y-%m")
+        except ValueError as exc:
+            raise MonthlyError(f"data_month={data_month!r} must look like 2026-10 (or be empty)") from exc
+        return data_month
+    first = (today or dt.datetime.now(dt.UTC).date()).replace(day=1)
+    return (first - dt.timedelta(days=1)).strftime("%Y-%m")
+
+
+def gather_month(data_prefix: str, data_month: str, hard_examples_prefix: str, out: Path) -> MonthData:
+    """Copy the month's images and its labelled hard examples into one `<class>/<file>` folder."""
+    from serving import storage
+    from serving.hard_examples import collect_labelled
+
+    month = resolve_month(data_month)
+    source = storage.join(data_prefix, month)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    try:
+        uris = storage.list_uris(source)
+    except storage.ObjectNotFound as exc:
+        raise MonthlyError(f"no data for {month}: {source} is empty or missing") from exc
+    for uri in uris:
+        rel = uri[len(source.rstrip("/")) + 1 :]
+        parts = rel.split("/")
+        if len(parts) != 2:
+            continue
+        dest = out / parts[0] / f"{month}-{parts[1]}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(storage.read_bytes(uri))
+        counts[parts[0]] = counts.get(parts[0], 0) + 1
+    hard: dict[str, int] = {}
+    if hard_examples_prefix:
+        staging = out.parent / (out.name + "-hard")
+        hard = collect_labelled(hard_examples_prefix, [month], staging)
+        for path in sorted(staging.rglob("*")):
+            if path.is_file():
+                dest = out / path.parent.name / f"hard-{path.name}"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(path), dest)
+        shutil.rmtree(staging, ignore_errors=True)
+    if not counts and not hard:
+        raise MonthlyError(f"no images for {month} under {source} nor labelled hard examples")
+    return MonthData(month, out, counts, hard)
+
+
+def champion_backbone(champion_uri: str, out_dir: Path) -> dict[str, object]:
+    """Verify the champion bundle and write its backbone (supervised_train's warm start) to `out_dir`."""
+    from serving.bundle import read_bundle
+    from serving.models import save_backbone
+
+    bundle = read_bundle(champion_uri)
+    if len(bundle.members) != 1:
+        raise MonthlyError(f"champion {champion_uri} is an ensemble of {len(bundle.members)}; warm start needs one")
+    model = bundle.load_models()[0]
+    info: dict[str, object] = {"parent_bundle": champion_uri, "parent_version": bundle.version}
+    save_backbone(model, out_dir, extra=info)
+    return info
+
+
+def canary_patch(storage_uri: str, percent: int) -> dict[str, object]:
+    """The merge patch that starts a canary: the new bundle as the predictor's storageUri at `percent`%."""
+    if not 0 < percent <= 100:
+        raise MonthlyError(f"canary_percent={percent} must be in 1..100")
+    return {"spec": {"predictor": {"canaryTrafficPercent": percent, "model": {"storageUri": storage_uri}}}}
+
+
+def start_canary_patch(name: str, namespace: str, storage_uri: str, percent: int) -> dict[str, object]:
+    """Patch InferenceService `name` through the Kubernetes API (in-cluster service account, see RBAC)."""
+    from kubernetes import client, config
+
+    config.load_incluster_config()
+    api = client.CustomObjectsApi()
+    result: dict[str, object] = api.patch_namespaced_custom_object(
+        ISVC_GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name, canary_patch(storage_uri, percent)
+    )
+    return result
+
+
+@component
+def fetch_month(
+    dataset: Output[Dataset],
+    summary: Output[Markdown],
+    data_prefix: str,
+    data_month: str = "",
+    hard_examples_prefix: str = "",
+    seed: int = 0,
+    positive_class: str = "",
+    image_size: int = 0,
+) -> str:
+    """Gather the month's images (<data_prefix>/<YYYY-MM>/<class>/<image>) and the month's labelled hard
+    examples, then split them like data_fetch. Returns the resolved month (empty data_month = previous month)."""
+    import tempfile
+    from pathlib import Path
+
+    from components.data_fetch import run
+    from components.monthly import gather_month
+
+    with tempfile.TemporaryDirectory() as tmp:
+        month = gather_month(data_prefix, data_month, hard_examples_prefix, Path(tmp) / "images")
+        result = run(
+            str(month.folder), Path(dataset.path), seed=seed, positive_class=positive_class, image_size=image_size
+        )
+    header = (
+        f"## Month {month.month}\n\nNew images per class: {month.new_images}; "
+        f"labelled hard examples per class: {month.hard_examples}.\n\n"
+    )
+    dataset.metadata.update({"month": month.month, "num_images": result.num_images})
+    Path(summary.path).write_text(header + result.summary_markdown)
+    print(header + result.summary_markdown)
+    return month.month
+
+
+@component
+def champion_warm_start(backbone: Output[Model], champion_uri: str) -> None:
+    """Verify the champion bundle and hand its backbone to supervised_train as the warm start."""
+    from pathlib import Path
+
+    from components.monthly import champion_backbone
+
+    backbone.metadata.update(champion_backbone(champion_uri, Path(backbone.path)))
+
+
+@component
+def start_canary(bundle_uri: str, isvc_name: str, namespace: str = "kubeflow-user", canary_percent: int = 10) -> str:
+    """Start a KServe canary with the new bundle: patch the InferenceService (needs the RBAC in
+    manifests/pipeline-rbac)."""
+    import json
+
+    from components.monthly import start_canary_patch
+
+    result = start_canary_patch(isvc_name, namespace, bundle_uri, canary_percent)
+    return json.dumps(result.get("metadata", {}), sort_keys=True)
