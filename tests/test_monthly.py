@@ -1,0 +1,146 @@
+"""Monthly retrain: month resolution, data + hard examples, warm start from the champion, the champion gate
+(end to end through kfp.local), and the canary patch."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.monthly import MonthlyError, canary_patch, champion_backbone, gather_month, resolve_month
+from pipelines.local import run_pipeline
+from pipelines.monthly_retrain import monthly_retrain_pipeline
+from serving import bundle as B
+from serving import storage
+from serving.models import build_model, load_pretrained_backbone
+
+MONTH = "2026-10"
+
+
+@pytest.mark.parametrize(
+    ("given", "today", "expected"),
+    [("", dt.date(2026, 11, 1), "2026-10"), ("", dt.date(2026, 1, 15), "2025-12"), ("2026-03", None, "2026-03")],
+)
+def test_resolve_month(given: str, today: dt.date | None, expected: str) -> None:
+    assert resolve_month(given, today) == expected
+
+
+@pytest.mark.parametrize("bad", ["2026-13", "10-2026", "last month"])
+def test_bad_month_is_refused(bad: str) -> None:
+    with pytest.raises(MonthlyError, match="must look like 2026-10"):
+        resolve_month(bad)
+
+
+def test_canary_patch_body() -> None:
+    patch = canary_patch("s3://models/digits/v2", 10)
+    assert patch == {
+        "spec": {"predictor": {"canaryTrafficPercent": 10, "model": {"storageUri": "s3://models/digits/v2"}}}
+    }
+    with pytest.raises(MonthlyError, match=r"1\.\.100"):
+        canary_patch("s3://x", 0)
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img[..., 0]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def month_prefix(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A month of new digits (from the champion's Dataset train split) + labelled hard examples, on disk."""
+    from components.datasets import load_dataset
+
+    ds = load_dataset(trained / "ds")
+    train = ds.split("train", "fit")
+    root = tmp_path_factory.mktemp("monthly")
+    for k, name in enumerate(ds.classes):
+        idx = np.flatnonzero(train.labels == k)[:14]
+        for j, i in enumerate(idx[:12]):
+            path = root / "data" / MONTH / name / f"{j:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(_png(train.images[i]))
+        for j, i in enumerate(idx[12:]):
+            hard = root / "hard" / MONTH / "labelled" / name / f"h{j}.png"
+            hard.parent.mkdir(parents=True, exist_ok=True)
+            hard.write_bytes(_png(train.images[i]))
+    return root
+
+
+def test_gather_month_takes_new_data_and_labelled_hard_examples(month_prefix: Path, tmp_path: Path) -> None:
+    month = gather_month(str(month_prefix / "data"), MONTH, str(month_prefix / "hard"), tmp_path / "images")
+    assert month.month == MONTH
+    assert sum(month.new_images.values()) == 120 and sum(month.hard_examples.values()) == 20
+    assert len(list((tmp_path / "images").rglob("*.png"))) == 140
+    with pytest.raises(MonthlyError, match="no data for 2026-09"):
+        gather_month(str(month_prefix / "data"), "2026-09", "", tmp_path / "none")
+
+
+def test_champion_backbone_is_a_warm_start(candidate: Path, tmp_path: Path) -> None:
+    info = champion_backbone(str(candidate), tmp_path / "warm")
+    champion = B.read_bundle(candidate)
+    assert info == {"parent_bundle": str(candidate), "parent_version": champion.version}
+    fresh = build_model(champion.members[0].arch)
+    load_pretrained_backbone(fresh, str(tmp_path / "warm"))
+    reference = champion.load_models()[0]
+    for (name, a), (_, b) in zip(
+        fresh.backbone.state_dict().items(), reference.backbone.state_dict().items(), strict=True
+    ):
+        assert np.array_equal(a.numpy(), b.numpy()), name
+
+
+MONTHLY_TINY = {"recipe_overrides_json": json.dumps({"epochs": 1, "preprocess": {"kind": "standard"}}), "bootstrap": 20}
+
+
+@pytest.mark.slow
+def test_monthly_pipeline_exports_challenger_with_champion_as_parent(
+    month_prefix: Path, candidate: Path, s3_bucket: str, tmp_path: Path
+) -> None:
+    run_pipeline(
+        monthly_retrain_pipeline,
+        {
+            **MONTHLY_TINY,
+            "data_prefix": str(month_prefix / "data"),
+            "hard_examples_prefix": str(month_prefix / "hard"),
+            "data_month": MONTH,
+            "champion_uri": str(candidate),
+            "champion_margin": 1.0,
+            "destination": f"{s3_bucket}/monthly",
+        },
+        tmp_path / "runs",
+    )
+    published = [u for u in storage.list_uris(f"{s3_bucket}/monthly") if u.endswith("/bundle.json")]
+    assert len(published) == 1
+    challenger = B.read_bundle(published[0].rsplit("/", 1)[0], cache_dir=tmp_path)
+    provenance = challenger.manifest["provenance"]
+    assert isinstance(provenance, dict) and provenance["parent_bundle"] == str(candidate)
+    report = (challenger.root / "reports" / "validation.md").read_text()
+    assert "| champion | pass |" in report
+
+
+@pytest.mark.slow
+def test_monthly_pipeline_refuses_a_challenger_that_loses(
+    month_prefix: Path, candidate: Path, s3_bucket: str, tmp_path: Path
+) -> None:
+    # another seed gives the head a fresh random init, and a vanishing learning rate leaves it untrained
+    weak = json.dumps({"epochs": 1, "seed": 7, "preprocess": {"kind": "standard"}, "optimizer": {"lr": 1e-7}})
+    with pytest.raises(RuntimeError, match="bundle-validation"):
+        run_pipeline(
+            monthly_retrain_pipeline,
+            {
+                **MONTHLY_TINY,
+                "recipe_overrides_json": weak,
+                "target_selective_accuracy": 0.05,  # any abstain threshold is feasible for the weak challenger
+                "data_prefix": str(month_prefix / "data"),
+                "data_month": MONTH,
+                "champion_uri": str(candidate),
+                "destination": f"{s3_bucket}/refused",
+            },
+            tmp_path / "runs",
+        )
+    assert not any("/refused/" in u for u in storage.list_uris(s3_bucket))
