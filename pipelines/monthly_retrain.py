@@ -101,7 +101,10 @@ def monthly_retrain_pipeline(
     published = decide_validate_export(month.outputs["dataset"], train, decisions, release, destination)
     with dsl.If(start_canary_enabled == True, name="canary"):  # noqa: E712 (KFP condition syntax)
         start_canary(
-            bundle_uri=published.outputs["Output"], isvc_name=isvc_name, namespace=namespace, canary_percent=canary_percent
+            bundle_uri=published.outputs["Output"],
+            isvc_name=isvc_name,
+            namespace=namespace,
+            canary_percent=canary_percent,
         ).set_display_name("start_canary")
     for task in (month, warm):
         kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS, optional=True)

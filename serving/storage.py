@@ -296,9 +296,7 @@ def _s3_call(uri: str, op: Callable[[], T]) -> T:
                 ) from exc
             cause = _short(exc)
         delay = 0.25 * 2 ** (attempt - 1) * (1 + random.random() / 4)
-        print(
-            f"storage: transient failure on {uri} ({cause}); retry {attempt}/{attempts - 1} in {delay:.2f}s"
-        )
+        print(f"storage: transient failure on {uri} ({cause}); retry {attempt}/{attempts - 1} in {delay:.2f}s")
         time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -306,9 +304,7 @@ def _s3_call(uri: str, op: Callable[[], T]) -> T:
 def _named_s3_error(uri: str, code: str, message: str, settings: S3Settings) -> StorageError:
     where = f"{uri} on {settings.describe()}"
     if code == "NoSuchBucket":
-        return S3BucketMissing(
-            f"{where}: bucket does not exist. Create it, or fix the bucket name in the URI."
-        )
+        return S3BucketMissing(f"{where}: bucket does not exist. Create it, or fix the bucket name in the URI.")
     if code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
         return ObjectNotFound(f"{where}: no such object")
     if code in _AUTH_S3_CODES:
