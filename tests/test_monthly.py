@@ -144,3 +144,25 @@ def test_monthly_pipeline_refuses_a_challenger_that_loses(
             tmp_path / "runs",
         )
     assert not any("/refused/" in u for u in storage.list_uris(s3_bucket))
+
+
+def test_pipeline_rbac_lets_the_canary_step_patch_inference_services() -> None:
+    import shutil
+    import subprocess
+
+    import yaml
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed")
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(Path(__file__).parents[1] / "manifests" / "pipeline-rbac")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    docs = {d["kind"]: d for d in yaml.safe_load_all(rendered)}
+    rule = docs["Role"]["rules"][0]
+    assert rule["apiGroups"] == ["serving.kserve.io"] and "inferenceservices" in rule["resources"]
+    assert "patch" in rule["verbs"]
+    assert docs["RoleBinding"]["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
