@@ -8,7 +8,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HOME=/home/visionpipe
+    HOME=/home/visionpipe \
+    VISIONPIPE_RECIPE_DIR=/opt/visionpipe/recipes \
+    OMP_WAIT_POLICY=PASSIVE
 
 WORKDIR /opt/visionpipe
 
@@ -17,6 +19,7 @@ COPY pyproject.toml README.md ./
 COPY components ./components
 COPY pipelines ./pipelines
 COPY serving ./serving
+COPY recipes ./recipes
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" . \
     && useradd --create-home --home-dir /home/visionpipe --uid 10001 --user-group visionpipe
 
@@ -25,4 +28,4 @@ USER 10001:10001
 EXPOSE 8080
 # KServe's ServingRuntime overrides these arguments (see manifests/base/serving-runtime.yaml);
 # KFP components override the command entirely.
-CMD ["python", "-m", "serving.server", "--model_name=model", "--model_dir=/mnt/models", "--http_port=8080"]
+CMD ["python", "-m", "serving.server", "--model_name=model", "--model_dir=/mnt/models", "--http_port=8080", "--host=0.0.0.0"]

@@ -16,11 +16,11 @@ TINY = ['recipe_overrides_json={"epochs": 1, "batch_size": 32}', "bootstrap=20",
 
 @pytest.fixture(scope="module")
 def small_folder(mnist_train_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """60 real MNIST digits of three classes as an image folder <class>/<file>.png."""
+    """120 real MNIST digits of three classes as an image folder <class>/<file>.png."""
     root = tmp_path_factory.mktemp("mnist-small")
     for digit in ("0", "1", "7"):
         (root / digit).mkdir()
-        for png in sorted((mnist_train_dir / digit).glob("*.png"))[:20]:
+        for png in sorted((mnist_train_dir / digit).glob("*.png"))[:40]:
             shutil.copy(png, root / digit / png.name)
     return root
 
