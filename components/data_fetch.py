@@ -55,16 +55,12 @@ class FetchConfig:
 
     def __post_init__(self) -> None:
         if len(self.ratios) != len(SPLITS):
-            raise DataFetchError(
-                f"ratios needs {len(SPLITS)} values ({', '.join(SPLITS)}), got {self.ratios}"
-            )
+            raise DataFetchError(f"ratios needs {len(SPLITS)} values ({', '.join(SPLITS)}), got {self.ratios}")
         for name, r in zip(SPLITS, self.ratios, strict=True):
             if not r > 0:
                 raise DataFetchError(f"ratio for {name} is {r}; every split ratio must be > 0")
         if not math.isclose(sum(self.ratios), 1.0, abs_tol=1e-6):
-            raise DataFetchError(
-                f"split ratios {self.ratios} sum to {sum(self.ratios):.6g}; they must sum to 1"
-            )
+            raise DataFetchError(f"split ratios {self.ratios} sum to {sum(self.ratios):.6g}; they must sum to 1")
         if self.image_size < 0 or self.image_size > 4096:
             raise DataFetchError(f"image_size={self.image_size}: use 0 (keep native size) or 1..4096 pixels")
         if self.min_per_class_per_split < 1:
@@ -354,15 +350,11 @@ def _stack(items: list[RawItem]) -> tuple[UInt8Array, str]:
     shapes = Counter(it.image.shape[:2] for it in items)
     if len(shapes) > 1:
         listing = ", ".join(f"{h}x{w} ({n} images)" for (h, w), n in shapes.most_common(5))
-        raise DataFetchError(
-            f"images have different sizes ({listing}); set image_size to resize them all to one size"
-        )
+        raise DataFetchError(f"images have different sizes ({listing}); set image_size to resize them all to one size")
     channels = {it.image.shape[2] for it in items}
     if channels == {1}:
         return np.stack([it.image for it in items]), ""
-    images = np.stack(
-        [np.repeat(it.image, 3, axis=2) if it.image.shape[2] == 1 else it.image for it in items]
-    )
+    images = np.stack([np.repeat(it.image, 3, axis=2) if it.image.shape[2] == 1 else it.image for it in items])
     note = "Grey and colour images were mixed; grey images were stored as RGB." if len(channels) > 1 else ""
     return images, note
 
@@ -373,9 +365,7 @@ def _stack(items: list[RawItem]) -> tuple[UInt8Array, str]:
 def _check_bad_share(source: str, good: int, bad: list[dict[str, str]], max_bad_fraction: float) -> None:
     total = good + len(bad)
     if good == 0:
-        raise DataFetchError(
-            f"{source} holds no readable images ({len(bad)} files excluded): nothing to train on"
-        )
+        raise DataFetchError(f"{source} holds no readable images ({len(bad)} files excluded): nothing to train on")
     if len(bad) / total > max_bad_fraction:
         examples = "; ".join(f"{b['file']}: {b['reason']}" for b in bad[:5])
         raise DataFetchError(
@@ -388,9 +378,7 @@ def _check_bad_share(source: str, good: int, bad: list[dict[str, str]], max_bad_
 def _check_classes(source: str, classes: list[str], positive_class: str) -> None:
     if len(classes) < 2:
         found = classes[0] if classes else "none"
-        raise DataFetchError(
-            f"{source} has a single class ({found}); a classifier needs at least two class folders"
-        )
+        raise DataFetchError(f"{source} has a single class ({found}); a classifier needs at least two class folders")
     if positive_class and positive_class not in classes:
         raise DataFetchError(f"positive_class={positive_class!r} is not a class; classes are {classes}")
 
@@ -399,18 +387,12 @@ def _class_counts(
     split_indices: dict[str, Int64Array], labels: Int64Array, classes: list[str]
 ) -> dict[str, dict[str, int]]:
     return {
-        s: {name: int(np.sum(labels[idx] == k)) for k, name in enumerate(classes)}
-        for s, idx in split_indices.items()
+        s: {name: int(np.sum(labels[idx] == k)) for k, name in enumerate(classes)} for s, idx in split_indices.items()
     }
 
 
 def _check_enough_per_split(class_counts: dict[str, dict[str, int]], minimum: int) -> None:
-    short = [
-        f"{name} in {s} ({n})"
-        for s, counts in class_counts.items()
-        for name, n in counts.items()
-        if n < minimum
-    ]
+    short = [f"{name} in {s} ({n})" for s, counts in class_counts.items() for name, n in counts.items() if n < minimum]
     if short:
         raise DataFetchError(
             f"too few images per class per split (need >= {minimum}): {', '.join(short[:10])}. "

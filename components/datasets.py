@@ -151,9 +151,7 @@ def load_dataset(path: Path | str) -> Dataset:
             images=images,
             labels=labels.astype(np.int64),
             hashes=tuple(str(h) for h in _as_list(meta["hashes"])),
-            split_indices={
-                s: np.asarray(_as_list(_as_dict(members[s])["indices"]), dtype=np.int64) for s in SPLITS
-            },
+            split_indices={s: np.asarray(_as_list(_as_dict(members[s])["indices"]), dtype=np.int64) for s in SPLITS},
             split_fingerprints={s: str(_as_dict(members[s])["fingerprint"]) for s in SPLITS},
         )
     except (KeyError, TypeError) as exc:

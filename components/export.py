@@ -9,6 +9,7 @@ re-verified through `serving.bundle.read_bundle`. An existing version is never o
 # No `from __future__ import annotations` here: KFP reads the component signature at import time.
 
 import hashlib
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,15 @@ class ExportResult:
     version: str
 
 
-def run(bundle_dir: Path, destination: str, overwrite: bool = False) -> ExportResult:
-    """Publish the bundle in `bundle_dir` below `destination`; returns the published URI."""
+def run(bundle_dir: Path, destination: str, overwrite: bool = False, threshold_at_half: bool = False) -> ExportResult:
+    """Publish the bundle in `bundle_dir` below `destination`; returns the published URI.
+
+    `threshold_at_half` publishes a derived bundle whose served probability is the calibrated one remapped
+    monotonically so the chosen threshold lands on 0.5 (for consumers that always cut at 0.5)."""
+    if threshold_at_half:
+        with tempfile.TemporaryDirectory() as tmp:
+            derived = derive_threshold_at_half(bundle_dir, Path(tmp) / "bundle")
+            return run(derived, destination, overwrite)
     manifest = read_bundle(bundle_dir).manifest  # refuse to publish anything that does not verify
     name, version = str(manifest["name"]), str(manifest["version"])
     if not storage.is_s3(destination):
@@ -54,6 +62,50 @@ def run(bundle_dir: Path, destination: str, overwrite: bool = False) -> ExportRe
     _reverify(target)
     print(f"export: published {target}")
     return ExportResult(uri=target, files=len(files) + 1, version=version)
+
+
+def derive_threshold_at_half(bundle_dir: Path, out_dir: Path) -> Path:
+    """A copy of a binary bundle whose calibrator remaps its decision threshold to 0.5 (same decisions)."""
+    from serving.bundle import write_bundle
+    from serving.calibrators import ThresholdAtHalfCalibrator
+    from serving.policies import ThresholdPolicy
+
+    bundle = read_bundle(bundle_dir)
+    if bundle.positive_class is None or len(bundle.classes) != 2:
+        raise ExportError("threshold_at_half needs a binary bundle (two classes and a positive class)")
+    threshold = _calibrated_threshold(bundle.policy.to_dict())
+    calibrator = ThresholdAtHalfCalibrator(2, bundle.classes.index(bundle.positive_class), bundle.calibrator, threshold)
+    manifest = {k: v for k, v in bundle.manifest.items() if k != "files"}
+    manifest["calibrator"] = calibrator.to_dict()
+    manifest["policy"] = ThresholdPolicy(0.5, "calibrated", "binary", calibrator.positive_index).to_dict()
+    manifest["version"] = f"{bundle.version}-half"
+    manifest["derived_from"] = {"version": bundle.version, "threshold_at_half": threshold}
+    card = json.loads((bundle_dir / "model_card.json").read_text())
+    card["version"] = manifest["version"]
+    extras = {
+        p.relative_to(bundle_dir).as_posix(): p for p in sorted((bundle_dir / "reports").rglob("*")) if p.is_file()
+    }
+    write_bundle(out_dir, manifest, [m.weights for m in bundle.members], card, extras)
+    return out_dir
+
+
+def _calibrated_threshold(policy: dict[str, object]) -> float:
+    """The binary decision threshold of a policy (a threshold policy, or a hybrid's threshold sub-policy)."""
+    candidates = [policy]
+    subs = policy.get("policies")
+    if isinstance(subs, dict):
+        active = subs.get(str(policy.get("active")))
+        candidates = [p for p in (active, *subs.values()) if isinstance(p, dict)]
+    for p in candidates:
+        if p.get("kind") == "threshold" and p.get("task") == "binary":
+            if p.get("space") != "calibrated":
+                raise ExportError(
+                    "threshold_at_half needs the threshold in the calibrated probability space; this bundle's is "
+                    f"{p.get('space')!r} (the calibration kept it raw, e.g. isotonic); calibrate with temperature, "
+                    "platt or beta"
+                )
+            return float(str(p["threshold"]))
+    raise ExportError("threshold_at_half needs a binary threshold policy; the bundle has none")
 
 
 def _publish_extras(bundle_dir: Path, target: str, listed: set[str]) -> None:
@@ -78,16 +130,18 @@ def export(
     published: Output[Artifact],
     summary: Output[Markdown],
     destination: str = "bundles",
+    threshold_at_half: bool = False,
 ) -> str:
     """Publish the validated bundle to <destination>/<name>/<version>/ (a local folder or s3://bucket/prefix,
     credentials from the environment), checksums verified after upload, bundle.json last, then re-verified.
+    threshold_at_half: publish a binary bundle whose probability is remapped so the chosen threshold is 0.5.
     Returns the published URI (a KServe storageUri)."""
     import json
     from pathlib import Path
 
     from components.export import run
 
-    result = run(Path(bundle.path), destination)
+    result = run(Path(bundle.path), destination, threshold_at_half=threshold_at_half)
     published.metadata.update({"bundle_uri": result.uri, "version": result.version})
     Path(published.path).parent.mkdir(parents=True, exist_ok=True)
     Path(published.path).write_text(json.dumps({"uri": result.uri, "version": result.version}) + "\n")

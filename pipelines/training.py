@@ -45,6 +45,7 @@ def decide_validate_export(
     decisions: dict[str, object],
     release: dict[str, object],
     destination: object,
+    threshold_at_half: object = False,
 ) -> dsl.PipelineTask:
     """threshold_sweep -> calibration -> bundle_validation -> export, on one training task's outputs."""
     logits = train.outputs["logits"]
@@ -63,7 +64,9 @@ def decide_validate_export(
         calibration=calibration.outputs["calibration"],
         **release,
     ).set_display_name("bundle_validation")
-    published = export(bundle=validation.outputs["bundle"], destination=destination)
+    published = export(
+        bundle=validation.outputs["bundle"], destination=destination, threshold_at_half=threshold_at_half
+    )
     published.set_display_name("export").set_caching_options(False)
     for task in (validation, published):
         kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS, optional=True)
@@ -105,6 +108,7 @@ def training_pipeline(
     champion_uri: str = "",
     champion_margin: float = 0.0,
     destination: str = "bundles",
+    threshold_at_half: bool = False,
 ) -> TrainingOutputs:
     """Data: source (builtin://sklearn-digits, or a folder <class>/<image> on a local path or s3://bucket/prefix),
     positive_class (binary tasks), image_size (0 = native), the four split ratios, seed, max_bad_fraction.
@@ -113,7 +117,8 @@ def training_pipeline(
     youden, recall_at_precision>=p, precision_at_recall>=r), the abstain target for multi-class, calibration
     method (auto picks by cross-fitted NLL), conformal alpha and score, SCRC selection rate and delta, the active
     policy. Validation: quality gates on val_test (negative = off) and an optional champion bundle URI with a
-    margin. Export: destination folder or s3://bucket/prefix (the bundle lands at <destination>/<name>/<version>/)."""
+    margin. Export: destination folder or s3://bucket/prefix (the bundle lands at <destination>/<name>/<version>/);
+    threshold_at_half publishes a binary bundle whose probability is remapped so the threshold sits at 0.5."""
     fetch = data_fetch(
         source=source,
         positive_class=positive_class,
@@ -171,12 +176,12 @@ def training_pipeline(
             backbone=pretrain.outputs["backbone"],
         ).set_display_name("supervised_train")
         training_resources(adapted)
-        decide_validate_export(dataset, adapted, decisions, release, destination)
+        decide_validate_export(dataset, adapted, decisions, release, destination, threshold_at_half)
     with dsl.Else(name="domain-pretrain-off"):
         scratch = supervised_train(
             dataset=dataset, recipe=recipe, recipe_overrides_json=recipe_overrides_json
         ).set_display_name("supervised_train")
         training_resources(scratch)
-        decide_validate_export(dataset, scratch, decisions, release, destination)
+        decide_validate_export(dataset, scratch, decisions, release, destination, threshold_at_half)
     kubernetes.use_secret_as_env(fetch, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS, optional=True)
     return TrainingOutputs(dataset=dataset, data_summary=fetch.outputs["summary"])

@@ -285,6 +285,45 @@ _PARAMS: dict[str, tuple[str, ...]] = {
 }
 
 
+class ThresholdAtHalfCalibrator(Calibrator):
+    """A binary calibrator whose positive probability is remapped so that `threshold` lands on 0.5.
+
+    For consumers that always cut at 0.5 (e.g. validators that round the returned probability): the map is
+    piecewise linear and strictly increasing, p -> 0.5 p / t below t and 0.5 + 0.5 (p - t) / (1 - t) above, so
+    every decision "p >= t" equals "p' >= 0.5". Built only by export (`threshold_at_half`), never fitted.
+    """
+
+    method = "threshold_at_half"
+
+    def __init__(self, n_classes: int, positive_index: int, base: Calibrator, threshold: float) -> None:
+        super().__init__(n_classes, positive_index)
+        if n_classes != 2:
+            raise CalibratorError("threshold_at_half needs a binary task")
+        if not 0.0 < threshold < 1.0:
+            raise CalibratorError(f"threshold={threshold} must lie in (0, 1) to be remapped to 0.5")
+        self.base = base
+        self.threshold = float(threshold)
+
+    def fit(self, logits: npt.ArrayLike, labels: npt.ArrayLike) -> ThresholdAtHalfCalibrator:
+        raise CalibratorError("threshold_at_half is derived from a fitted calibrator; it is not fitted")
+
+    def remap(self, p_pos: npt.ArrayLike) -> FloatArray:
+        p = np.asarray(p_pos, dtype=np.float64)
+        t = self.threshold
+        out: FloatArray = np.where(p < t, 0.5 * p / t, 0.5 + 0.5 * (p - t) / (1.0 - t))
+        return out
+
+    def probabilities(self, logits: npt.ArrayLike) -> FloatArray:
+        p_pos = self.base.probabilities(logits)[:, self.positive_index]
+        return self._binary_probs(self.remap(p_pos))
+
+    def positive_map(self, scores: npt.ArrayLike) -> FloatArray:
+        return self.remap(self.base.positive_map(scores))
+
+    def params(self) -> dict[str, object]:
+        return {"base": self.base.to_dict(), "threshold": self.threshold}
+
+
 def make_calibrator(method: str, n_classes: int, positive_index: int = 1) -> Calibrator:
     """An unfitted calibrator of the given method."""
     if method not in _REGISTRY:
@@ -295,6 +334,8 @@ def make_calibrator(method: str, n_classes: int, positive_index: int = 1) -> Cal
 def calibrator_from_dict(d: dict[str, object]) -> Calibrator:
     """Rebuild a fitted calibrator from ``Calibrator.to_dict()``; raises CalibratorError when invalid."""
     method = d.get("method")
+    if method == ThresholdAtHalfCalibrator.method:
+        return _threshold_at_half_from_dict(d)
     if not isinstance(method, str) or method not in _REGISTRY:
         raise CalibratorError(f"calibrator method={method!r} is not one of {CALIBRATION_METHODS}")
     missing = [k for k in ("n_classes", "positive_index", *_PARAMS[method]) if k not in d]
@@ -315,6 +356,16 @@ def calibrator_from_dict(d: dict[str, object]) -> Calibrator:
         else:
             raise CalibratorError(f"calibrator parameter {key}={value!r} must be a number")
     return _REGISTRY[method](n_classes, positive_index, **kwargs)
+
+
+def _threshold_at_half_from_dict(d: dict[str, object]) -> ThresholdAtHalfCalibrator:
+    base, threshold = d.get("base"), d.get("threshold")
+    n_classes, positive_index = d.get("n_classes"), d.get("positive_index")
+    if not isinstance(base, dict) or not isinstance(threshold, int | float):
+        raise CalibratorError("threshold_at_half needs a 'base' calibrator object and a numeric 'threshold'")
+    if not isinstance(n_classes, int) or not isinstance(positive_index, int):
+        raise CalibratorError(f"n_classes={n_classes!r} and positive_index={positive_index!r} must be ints")
+    return ThresholdAtHalfCalibrator(n_classes, positive_index, calibrator_from_dict(base), float(threshold))
 
 
 # ----------------------------------------------------------------------------------------------------------

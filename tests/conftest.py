@@ -89,3 +89,32 @@ def candidate(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         name="digits-test",
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def binary_candidate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A validated binary bundle (digit 8 = positive vs 3), MCC-scored, temperature-calibrated."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from components.bundle_validation import run as validate
+    from components.calibration import run as calibrate
+    from components.data_fetch import write_dataset_from_arrays
+    from components.recipes import load_recipe
+    from components.supervised_train import run as train
+    from components.threshold_sweep import run as sweep
+
+    digits = load_digits()
+    keep = np.isin(digits.target, (3, 8))
+    images = np.clip(np.rint(digits.images[keep] * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
+    labels = (digits.target[keep] == 8).astype(np.int64)
+    root = tmp_path_factory.mktemp("binary")
+    ids = [f"d{i}" for i in range(len(labels))]
+    write_dataset_from_arrays(root / "ds", images, labels, ["three", "eight"], ids, positive_class="eight")
+    recipe = load_recipe("digits-cnn", {"epochs": 2, "preprocess": {"kind": "standard"}})
+    train(root / "ds", root / "model", root / "logits", recipe, root / "ckpt", log=lambda _msg: None)
+    sweep(root / "logits", root / "thr", objective="mcc", bootstrap=50)
+    calibrate(root / "logits", root / "thr", root / "cal", method="platt")
+    out = root / "bundle"
+    validate(root / "ds", root / "model", root / "logits", root / "cal", out, root / "thr", name="eights")
+    return out

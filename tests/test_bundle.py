@@ -204,3 +204,37 @@ def test_half_uploaded_s3_bundle_is_refused(candidate: Path, s3_bucket: str) -> 
 def test_export_to_local_folder(candidate: Path, tmp_path: Path) -> None:
     result = export(candidate, str(tmp_path / "bundles"))
     assert B.read_bundle(result.uri).version == B.read_bundle(candidate).version
+
+
+def test_binary_bundle_serves_the_sweep_threshold(binary_candidate: Path) -> None:
+    bundle = B.read_bundle(binary_candidate)
+    assert bundle.positive_class == "eight" and bundle.classes == ("three", "eight")
+    policy = bundle.policy.to_dict()
+    assert policy["kind"] == "hybrid"
+    threshold = policy["policies"]["threshold"]  # type: ignore[index]
+    assert threshold["space"] == "calibrated" and 0 < threshold["threshold"] < 1
+
+
+def test_threshold_at_half_export_keeps_every_decision(binary_candidate: Path, tmp_path: Path) -> None:
+    from components.datasets import load_dataset
+    from serving.calibrators import ThresholdAtHalfCalibrator
+
+    result = export(binary_candidate, str(tmp_path / "out"), threshold_at_half=True)
+    half = B.read_bundle(result.uri)
+    original = B.read_bundle(binary_candidate)
+    assert half.version == original.version + "-half" and result.uri.endswith("-half")
+    assert isinstance(half.calibrator, ThresholdAtHalfCalibrator)
+    t = half.calibrator.threshold
+    images = load_dataset(binary_candidate.parent / "ds").split("val_test", "evaluate").images
+    a, b = B.BundleModel(original).predict_images(images), B.BundleModel(half).predict_images(images)
+    pos = original.classes.index("eight")
+    np.testing.assert_array_equal(a.decisions.labels, b.decisions.labels)
+    np.testing.assert_array_equal(a.calibrated_probs[:, pos] >= t, b.calibrated_probs[:, pos] >= 0.5)
+    np.testing.assert_allclose(b.calibrated_probs.sum(axis=1), 1.0)
+    order = np.argsort(a.calibrated_probs[:, pos])
+    assert np.all(np.diff(b.calibrated_probs[order, pos]) >= -1e-12)  # monotone remap
+
+
+def test_threshold_at_half_refuses_multiclass(candidate: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="needs a binary bundle"):
+        export(candidate, str(tmp_path / "out"), threshold_at_half=True)
