@@ -289,7 +289,7 @@ def _image_folder(source: str, image_size: int) -> tuple[list[RawItem], list[dic
 
     items: list[RawItem] = []
     bad: list[dict[str, str]] = []
-    files = list(_class_files(source, storage.list_uris))
+    files = list(class_files(source, storage.list_uris))
     if not files:
         raise DataFetchError(
             f"no files found under {source}; expected an image folder laid out as <class_name>/<image file>"
@@ -307,7 +307,7 @@ def _image_folder(source: str, image_size: int) -> tuple[list[RawItem], list[dic
     return items, bad
 
 
-def _class_files(source: str, list_uris: Callable[[str], list[str]]) -> Iterator[tuple[str, str, str]]:
+def class_files(source: str, list_uris: Callable[[str], list[str]]) -> Iterator[tuple[str, str, str]]:
     """(class_name, relative path, uri) for every file exactly one folder below `source`."""
     root = source.rstrip("/")
     for uri in sorted(list_uris(root)):

@@ -50,6 +50,7 @@ def resolve_month(data_month: str, today: dt.date | None = None) -> str:
 
 def gather_month(data_prefix: str, data_month: str, hard_examples_prefix: str, out: Path) -> MonthData:
     """Copy the month's images and its labelled hard examples into one `<class>/<file>` folder."""
+    from components.data_fetch import class_files
     from serving import storage
     from serving.hard_examples import collect_labelled
 
@@ -61,15 +62,11 @@ def gather_month(data_prefix: str, data_month: str, hard_examples_prefix: str, o
         uris = storage.list_uris(source)
     except storage.ObjectNotFound as exc:
         raise MonthlyError(f"no data for {month}: {source} is empty or missing") from exc
-    for uri in uris:
-        rel = uri[len(source.rstrip("/")) + 1 :]
-        parts = rel.split("/")
-        if len(parts) != 2:
-            continue
-        dest = out / parts[0] / f"{month}-{parts[1]}"
+    for class_name, rel, uri in class_files(source, lambda _prefix: uris):
+        dest = out / class_name / f"{month}-{Path(rel).name}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(storage.read_bytes(uri))
-        counts[parts[0]] = counts.get(parts[0], 0) + 1
+        counts[class_name] = counts.get(class_name, 0) + 1
     hard: dict[str, int] = {}
     if hard_examples_prefix:
         staging = out.parent / (out.name + "-hard")

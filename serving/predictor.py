@@ -37,7 +37,7 @@ from serving.hard_examples import HardExampleLogger
 from serving.policies import ABSTAIN, apply_policy
 from serving.preprocessing import PreprocessSpec, to_model_input
 from serving.tta import TTA_MODES, average_tta, tta_batch
-from serving.upload import InputError, InputLimits, decode_image
+from serving.upload import InputError, InputLimits, composite_alpha, decode_image
 
 Protocol = Literal["v1", "v2"]
 UInt8Image = npt.NDArray[np.uint8]
@@ -291,22 +291,12 @@ _V2_DTYPES = {"i": "INT64", "f": "FP32", "b": "BOOL", "O": "BYTES"}
 def image_to_array(image: Image.Image, spec: PreprocessSpec) -> UInt8Image:
     """A decoded upload -> the uint8 HxWxC array the shared preprocessing takes (orientation, alpha, colour)."""
     upright = ImageOps.exif_transpose(image)
-    if upright.mode in ("RGBA", "LA", "P", "PA"):
-        upright = upright.convert("RGBA")
-        background = Image.new("RGBA", upright.size, _alpha_background(upright, spec))
-        upright = Image.alpha_composite(background, upright)
+    if spec.kind == "digit-upload":
+        upright = composite_alpha(upright)  # strokes kept visible, as the photo normalisation expects
+    elif upright.mode in ("RGBA", "LA", "P", "PA"):
+        upright = Image.alpha_composite(Image.new("RGBA", upright.size, (0, 0, 0, 255)), upright.convert("RGBA"))
     array = np.asarray(upright.convert("L" if spec.channels == 1 else "RGB"), dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
-
-
-def _alpha_background(image: Image.Image, spec: PreprocessSpec) -> tuple[int, int, int, int]:
-    """Composite transparent uploads over a background that contrasts with the visible strokes."""
-    if spec.kind != "digit-upload":
-        return (0, 0, 0, 255)
-    rgba = np.asarray(image, dtype=np.float64)
-    visible = rgba[..., 3] > 127
-    ink = rgba[..., :3][visible].mean() if visible.any() else 0.0
-    return (255, 255, 255, 255) if ink < 128 else (0, 0, 0, 255)
 
 
 def check_ensemble(runtimes: Sequence[BundleModel]) -> None:

@@ -186,7 +186,7 @@ def _load_pixels(image: Image.Image) -> Image.Image:
 def normalise_digit_photo(image: Image.Image, config: UploadConfig = UploadConfig()) -> npt.NDArray[np.uint8]:
     """A photo of one handwritten digit -> uint8 (size, size), white digit on black, MNIST layout."""
     upright = ImageOps.exif_transpose(image)
-    grey = _to_grayscale(_composite_alpha(upright))
+    grey = _to_grayscale(composite_alpha(upright))
     ink = _auto_invert(grey, config)
     mask = _otsu_mask(ink, config)
     mask = _keep_main_components(mask, config.companion_fraction)
@@ -196,7 +196,7 @@ def normalise_digit_photo(image: Image.Image, config: UploadConfig = UploadConfi
     return _centre_on_canvas(digit, config)
 
 
-def _composite_alpha(image: Image.Image) -> Image.Image:
+def composite_alpha(image: Image.Image) -> Image.Image:
     """Flatten transparency over a background that contrasts with the visible strokes."""
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
     if not has_alpha:
