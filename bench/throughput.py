@@ -52,7 +52,8 @@ def measure(name: str, steps: int, max_batch: int, num_classes: int) -> str:
     classes = num_classes or (10 if name.startswith("digits") else 2)
     preprocess = st.resolve_preprocess(recipe, 1 if recipe.preprocess.channels in (0, 1) else 3)
     arch = st.resolve_arch(recipe, classes, preprocess)
-    model = st.build_trainable_model(recipe, arch, None)
+    memory_format = st.training_memory_format(arch)
+    model = st.build_trainable_model(recipe, arch, None).to(memory_format=memory_format)
     optimizer = st.make_optimizer(model, recipe)
     batch = min(recipe.batch_size, max_batch)
     x = torch.randn(batch, preprocess.channels, preprocess.size, preprocess.size)
@@ -64,6 +65,7 @@ def measure(name: str, steps: int, max_batch: int, num_classes: int) -> str:
     def step() -> None:
         xb = st.augment(x, recipe, rng, fill)
         xb, targets = st.mix(xb, st._soft_targets(y, classes, recipe.loss.label_smoothing), recipe, rng)
+        xb = xb.contiguous(memory_format=memory_format)
         loss = st.weighted_loss(model(xb).float(), targets, weights, recipe.loss)
         torch.autograd.backward(loss)
         optimizer.step()

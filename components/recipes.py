@@ -86,6 +86,9 @@ class AugmentSpec:
     hflip: random horizontal flip (not for digits). Random erasing with probability erasing_prob of a box
     covering erasing_area (fraction range) of the image. Mixup (mixup_alpha) / CutMix (cutmix_alpha) with
     probability mix_prob per batch; when both alphas are > 0 each batch picks one of them at random.
+    Elastic distortion (Simard et al. 2003) when elastic_alpha > 0: a per-image random displacement field,
+    uniform noise in [-1, 1] smoothed by a Gaussian of elastic_sigma pixels and scaled by elastic_alpha pixels,
+    applied in the same resampling as the affine (one interpolation, borders black).
     """
 
     rotation_deg: float = 0.0
@@ -98,6 +101,8 @@ class AugmentSpec:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
+    elastic_alpha: float = 0.0
+    elastic_sigma: float = 4.0
 
     def __post_init__(self) -> None:
         _in_range("augment.rotation_deg", self.rotation_deg, 0.0, 180.0)
@@ -109,6 +114,8 @@ class AugmentSpec:
         _in_range("augment.mixup_alpha", self.mixup_alpha, 0.0, 10.0)
         _in_range("augment.cutmix_alpha", self.cutmix_alpha, 0.0, 10.0)
         _in_range("augment.mix_prob", self.mix_prob, 0.0, 1.0)
+        _in_range("augment.elastic_alpha", self.elastic_alpha, 0.0, 100.0)
+        _in_range("augment.elastic_sigma", self.elastic_sigma, 0.5, 20.0)
 
     @property
     def uses_affine(self) -> bool:

@@ -43,6 +43,7 @@ from components.peft_utils import PeftSpec, apply_peft, merge_peft, trainable_su
 from components.recipes import LossSpec, Recipe, recipe_hash
 from serving.metrics import mcc
 from serving.models import (
+    CONVNETS,
     ArchSpec,
     VisionClassifier,
     build_model,
@@ -331,6 +332,7 @@ class _Loop:
     best_state: dict[str, Tensor] = field(default_factory=dict)
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+    memory_format: torch.memory_format = torch.contiguous_format
 
     @property
     def eval_model(self) -> nn.Module:
@@ -345,7 +347,8 @@ def _new_loop(
     train_labels: npt.NDArray[np.int64],
     num_classes: int,
 ) -> _Loop:
-    model = build_trainable_model(recipe, arch, backbone_dir).to(device)
+    memory_format = training_memory_format(arch)
+    model = build_trainable_model(recipe, arch, backbone_dir).to(device).to(memory_format=memory_format)
     ema = copy.deepcopy(model) if recipe.ema.enabled else None
     if ema is not None:
         ema.requires_grad_(False)
@@ -355,7 +358,13 @@ def _new_loop(
         optimizer=make_optimizer(model, recipe),
         class_weights=class_weights(recipe, train_labels, num_classes).to(device),
         device=device,
+        memory_format=memory_format,
     )
+
+
+def training_memory_format(arch: ArchSpec) -> torch.memory_format:
+    """Channels-last (NHWC) for convolutional nets: the same maths, ~1.1-1.3x faster training on CPU (oneDNN)."""
+    return torch.channels_last if arch.name in CONVNETS else torch.contiguous_format
 
 
 def build_trainable_model(recipe: Recipe, arch: ArchSpec, backbone_dir: Path | None) -> nn.Module:
@@ -498,6 +507,7 @@ def _train_epoch(
         targets = _soft_targets(y, num_classes, recipe.loss.label_smoothing)
         x = augment(x, recipe, rng, fill)
         x, targets = mix(x, targets, recipe, rng)
+        x = x.contiguous(memory_format=loop.memory_format)
         with autocast:
             logits = loop.model(x)
         loss = weighted_loss(logits.float(), targets, loop.class_weights, recipe.loss)
@@ -543,11 +553,15 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float, updates: int) ->
 
 
 def augment(x: Tensor, recipe: Recipe, rng: np.random.Generator, fill: Tensor) -> Tensor:
-    """Per-image random affine, horizontal flip and random erasing on preprocessed tensors (N, C, H, W)."""
+    """Per-image random affine and elastic warp, horizontal flip and random erasing on preprocessed tensors
+    (N, C, H, W)."""
     a = recipe.augment
     n = x.shape[0]
-    if a.uses_affine:
-        x = _random_affine(x, a.rotation_deg, a.translate, a.scale, a.affine_prob, rng, fill)
+    if a.uses_affine or a.elastic_alpha > 0:
+        grid = _affine_grid(x.shape, a.rotation_deg, a.translate, a.scale, a.affine_prob if a.uses_affine else 0, rng)
+        if a.elastic_alpha > 0:
+            grid = grid + _elastic_offsets(x.shape, a.elastic_alpha, a.elastic_sigma, rng)
+        x = _resample(x, grid.to(x), fill)
     if a.hflip:
         flip = torch.from_numpy(rng.random(n) < 0.5).to(x.device).view(n, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x)
@@ -596,23 +610,42 @@ def _soft_targets(y: Tensor, num_classes: int, smoothing: float) -> Tensor:
     return onehot * (1.0 - smoothing) + smoothing / num_classes if smoothing > 0 else onehot
 
 
-def _random_affine(
-    x: Tensor,
+def _affine_grid(
+    shape: torch.Size,
     rotation_deg: float,
     translate: float,
     scale: tuple[float, float],
     prob: float,
     rng: np.random.Generator,
-    fill: Tensor,
 ) -> Tensor:
-    n = x.shape[0]
+    """Sampling grid (N, H, W, 2) of a random affine per image (identity for the images not drawn)."""
+    n = shape[0]
     active = rng.random(n) < prob
     angle = np.deg2rad(rng.uniform(-rotation_deg, rotation_deg, n)) * active
     s = np.where(active, rng.uniform(scale[0], scale[1], n), 1.0)
     t = rng.uniform(-translate, translate, (n, 2)) * 2.0 * active[:, None]  # normalised coords span 2
     cos, sin = np.cos(angle) / s, np.sin(angle) / s
     theta = np.stack([np.stack([cos, -sin, t[:, 0]], 1), np.stack([sin, cos, t[:, 1]], 1)], 1)
-    grid = F.affine_grid(torch.from_numpy(theta).to(x), list(x.shape), align_corners=False)
+    return F.affine_grid(torch.from_numpy(theta).float(), list(shape), align_corners=False)
+
+
+def _elastic_offsets(shape: torch.Size, alpha: float, sigma: float, rng: np.random.Generator) -> Tensor:
+    """Elastic displacement (N, H, W, 2) in normalised grid units: per image and axis, uniform noise in [-1, 1]
+    smoothed by a Gaussian of `sigma` pixels (separable, zero-padded) and scaled to `alpha` pixels."""
+    n, _, h, w = shape
+    noise = torch.from_numpy(rng.uniform(-1.0, 1.0, (n * 2, 1, h, w))).float()
+    radius = min(math.ceil(3 * sigma), max(h, w))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    smooth = F.conv2d(noise, kernel.view(1, 1, 1, -1), padding=(0, radius))
+    smooth = F.conv2d(smooth, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    pixels = smooth.view(n, 2, h, w).permute(0, 2, 3, 1) * alpha  # (N, H, W, [dx, dy]) in pixels
+    return pixels * torch.tensor([2.0 / w, 2.0 / h])
+
+
+def _resample(x: Tensor, grid: Tensor, fill: Tensor) -> Tensor:
+    """Bilinear resampling of x at grid; what falls outside the image is filled with `fill` (black)."""
     background = fill.view(1, -1, 1, 1)
     return F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + (
         background

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 
 ARCHITECTURES: tuple[str, ...] = ("cnn-small", "resnet18", "vit", "dinov2")
 TRANSFORMERS: tuple[str, ...] = ("vit", "dinov2")
+# convolutional architectures (supervised_train trains them with channels-last tensors)
+CONVNETS: tuple[str, ...] = ("cnn-small", "resnet18")
 BACKBONE_FILE = "backbone.safetensors"
 BACKBONE_META_FILE = "backbone.json"
 HF_DINOV2_FILE = "model.safetensors"

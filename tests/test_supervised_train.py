@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from components import supervised_train as st
 from components.data_fetch import write_dataset_from_arrays
 from components.datasets import load_dataset
-from components.recipes import LossSpec, Recipe, load_recipe, recipe_hash
+from components.recipes import LossSpec, Recipe, RecipeError, load_recipe, recipe_hash
 from serving.models import ArchSpec, build_model, load_weights
 from serving.preprocessing import PreprocessSpec, to_model_input
 
@@ -316,6 +316,27 @@ def test_affine_fills_borders_with_black() -> None:
     out = st.augment(x, recipe, np.random.default_rng(3), black)
     assert out.min() >= -1.0 - 1e-6 and out.max() <= 1.0 + 1e-6
     assert (out < 0).any()  # shifted content leaves black borders, not mid-grey ones
+
+
+def test_elastic_warp_is_smooth_bounded_and_sized_by_alpha() -> None:
+    shape = torch.Size((32, 1, 28, 28))
+    pixels = st._elastic_offsets(shape, 34.0, 4.0, np.random.default_rng(0)) / torch.tensor([2 / 28, 2 / 28])
+    # uniform noise smoothed by a sigma-4 Gaussian has std ~0.577 / (2 sqrt(pi) 4) ~ 0.04 -> ~1.4 px at alpha 34
+    assert 0.7 < float(pixels.std()) < 2.5
+    neighbours = torch.corrcoef(torch.stack([pixels[:, :, :-1].flatten(), pixels[:, :, 1:].flatten()]))[0, 1]
+    assert float(neighbours) > 0.9  # a smooth field, not pixel noise
+    half = st._elastic_offsets(shape, 17.0, 4.0, np.random.default_rng(0))
+    torch.testing.assert_close(half * 2, st._elastic_offsets(shape, 34.0, 4.0, np.random.default_rng(0)))
+
+    x = torch.full((4, 1, 28, 28), -1.0)
+    x[:, :, 8:20, 12:16] = 1.0  # a white bar on black
+    recipe = tiny_recipe(augment={"rotation_deg": 0, "translate": 0, "scale": [1, 1], "elastic_alpha": 34.0})
+    out = st.augment(x, recipe, np.random.default_rng(1), torch.tensor([-1.0]))
+    assert not torch.allclose(out, x)
+    assert out.min() >= -1.0 - 1e-5 and out.max() <= 1.0 + 1e-5
+    assert torch.equal(out[:, :, :2], x[:, :, :2])  # far from the bar the black background stays black
+    with pytest.raises(RecipeError, match=r"augment.elastic_sigma=0.1 .*allowed values: \[0.5, 20\]"):
+        tiny_recipe(augment={"elastic_sigma": 0.1})
 
 
 def test_erasing_blanks_a_box_per_image() -> None:
