@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     # to fewer variants. Only val_select (carved out of mnist-5k-train) takes part in this choice.
     select_acc = {
         mode: accuracy(np.mean([member_probs(m, select.images, p, mode) for m, p, _ in members], axis=0), select.labels)
-        for mode in TTA_MODES
+        for mode in (TTA_MODES if args.tta == "auto" else (args.tta,))
     }
     tta_mode = max(TTA_MODES, key=lambda m: (select_acc[m], -n_variants(m))) if args.tta == "auto" else args.tta
     for k, (epochs_run, best_epoch, best_metric, seconds) in zip(seeds, results, strict=True):
@@ -143,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds > 1:
             print(f"ensemble member seed {k}: {what_is_tested} accuracy {accuracy(member, labels):.4f}")
         probs += member / args.seeds
-    np.savez(work / "eval_probs.npz", labels=labels, **per_member)
+    np.savez(work / "eval_probs.npz", labels=labels, evaluated=np.asarray(what_is_tested), **per_member)
     what = f"{args.weights}-epoch weights; "
     what += f"single model (seed {seeds[0]})" if args.seeds == 1 else f"ENSEMBLE of {args.seeds} seeds (mean softmax)"
     tta = "no TTA" if tta_mode == "off" else f"WITH TTA ({n_variants(tta_mode)} variants: {TTA_DESCRIPTION[tta_mode]})"
     print(f"recipe={args.recipe} overrides={json.dumps(overrides)}; {what}, {tta}; dataset fetch {fetch_seconds:.1f}s")
+    print(f"whole run (fetch, training, evaluation): {time.perf_counter() - started:.1f}s")
     print(f"per-member probabilities of the evaluation set: {work / 'eval_probs.npz'}")
     metric = "mnist_dev_accuracy" if args.holdout_fold < 0 else f"{what_is_tested}_accuracy"
     print(f"{metric}={accuracy(probs, labels):.4f} train_seconds={train_seconds:.1f}")

@@ -363,7 +363,8 @@ def _new_loop(
 
 
 def training_memory_format(arch: ArchSpec) -> torch.memory_format:
-    """Channels-last (NHWC) for convolutional nets: the same maths, ~1.1-1.3x faster training on CPU (oneDNN)."""
+    """Channels-last (NHWC) for convolutional nets: the same maths, faster training on CPU (oneDNN; measured
+    1.3x for cnn-small, 1.04x for resnet18 at 28x28)."""
     return torch.channels_last if arch.name in CONVNETS else torch.contiguous_format
 
 
