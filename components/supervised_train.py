@@ -107,11 +107,14 @@ def run(
     device: str | None = None,
     stop_after_epoch: int | None = None,
     log: Log = print,
+    checkpoint_uri: str = "",
 ) -> TrainResult:
     """Train `recipe` on the Dataset at `dataset_dir`; write the best model, its logits and a curve plot.
 
     `checkpoint_dir` holds the per-epoch state; when it already holds one, training resumes after its last
-    epoch. `stop_after_epoch` (a test hook) raises TrainingInterrupted after that epoch's checkpoint.
+    epoch. With `checkpoint_uri` (s3://bucket/prefix or a shared folder) every epoch's checkpoint is mirrored
+    there too and a newer one found there is resumed from, so a retry on a fresh disk continues the run.
+    `stop_after_epoch` (a test hook) raises TrainingInterrupted after that epoch's checkpoint.
     """
     ds = load_dataset(dataset_dir)
     preprocess = resolve_preprocess(recipe, ds.image_shape[2])
@@ -125,8 +128,11 @@ def run(
         f"supervised_train: {recipe.name} ({arch.name}, {trainable_summary(loop.model)}) on {dev.type}; "
         f"train {len(train.labels)} / val_select {len(select.labels)} images; select by {metric_name}"
     )
+    mirror = CheckpointMirror(checkpoint_uri, checkpoint_dir, log) if checkpoint_uri else None
+    if mirror is not None:
+        mirror.pull()
     resumed_from = _resume(loop, checkpoint_dir, recipe, log)
-    _fit(loop, recipe, preprocess, train, select, metric_name, checkpoint_dir, stop_after_epoch, log)
+    _fit(loop, recipe, preprocess, train, select, metric_name, checkpoint_dir, stop_after_epoch, log, mirror)
 
     best = export_best_model(loop, recipe, arch, model_dir)
     split_accuracy = write_logits(best, ds, preprocess, recipe.eval_batch_size, logits_dir, dev)
@@ -425,6 +431,7 @@ def _fit(
     checkpoint_dir: Path,
     stop_after_epoch: int | None,
     log: Log,
+    mirror: "CheckpointMirror | None" = None,
 ) -> None:
     inputs = _ModelInputs(train.images, preprocess)
     select_x = _ModelInputs(select.images, preprocess)
@@ -471,6 +478,8 @@ def _fit(
         no_progress = patience > 0 and epoch - loop.best_epoch >= patience
         loop.stopped_early = epoch < recipe.epochs and (no_progress or out_of_time)
         save_checkpoint(loop, recipe, checkpoint_dir, improved)
+        if mirror is not None:
+            mirror.push()
         eta = (elapsed / len(loop.history)) * (recipe.epochs - epoch) if not loop.stopped_early else 0.0
         log(
             f"epoch {epoch}/{recipe.epochs} loss {train_loss:.4f} val_select {metric_name} {score:.4f} "
@@ -751,6 +760,69 @@ def _resume(loop: _Loop, checkpoint_dir: Path, recipe: Recipe, log: Log) -> int:
     return loop.epoch
 
 
+class CheckpointMirror:
+    """A copy of the checkpoint directory at `uri` (s3://bucket/prefix or a shared folder), so that a retry in a
+    fresh pod (on a cluster a retried attempt starts with an empty local disk) resumes where the failed one
+    stopped.
+
+    `pull` fetches the remote checkpoint when it is newer than the local one (tensors first, state.json last);
+    `push` uploads the tensors first and state.json last, the order of the local writes, so an attempt killed
+    mid-upload leaves the previous epoch's remote checkpoint whole, then deletes remote tensors that
+    state.json no longer names."""
+
+    def __init__(self, uri: str, local_dir: Path, log: Log) -> None:
+        self.uri, self.local_dir, self.log = uri.rstrip("/"), local_dir, log
+        self._uploaded: set[str] = set()
+
+    def pull(self) -> None:
+        from serving import storage
+
+        remote_state = storage.join(self.uri, STATE_FILE)
+        if not storage.exists(remote_state):
+            self.log(f"supervised_train: no checkpoint at {self.uri} yet; mirroring each epoch there")
+            return
+        remote = _parse_state(storage.read_bytes(remote_state).decode(), remote_state)
+        local = _read_state_json(self.local_dir)
+        if local is not None and _json_int(local, "epoch") >= _json_int(remote, "epoch"):
+            return
+        names = [str(remote["state_file"]), str(remote["best_file"])]
+        for name in names:
+            storage.download_file(storage.join(self.uri, name), self.local_dir / name)
+        tmp = self.local_dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(remote, sort_keys=True, indent=1) + "\n")
+        os.replace(tmp, self.local_dir / STATE_FILE)
+        self._uploaded.update(names)
+        self.log(f"supervised_train: fetched the epoch {_json_int(remote, 'epoch')} checkpoint from {self.uri}")
+
+    def push(self) -> None:
+        from serving import storage
+
+        meta = _read_state_json(self.local_dir)
+        if meta is None:
+            return
+        keep = {str(meta["state_file"]), str(meta["best_file"])}
+        for name in sorted(keep - self._uploaded):
+            storage.upload_file(self.local_dir / name, storage.join(self.uri, name))
+        storage.upload_file(self.local_dir / STATE_FILE, storage.join(self.uri, STATE_FILE))
+        self._uploaded = keep
+        for uri in storage.list_uris(self.uri):
+            name = uri.rsplit("/", 1)[-1]
+            if name.endswith(".safetensors") and name not in keep:
+                storage.delete(uri)
+
+
+def remove_mirror(uri: str) -> None:
+    """Delete a checkpoint mirror (every object below `uri`) once the training outputs are written."""
+    from serving import storage
+
+    try:
+        objects = storage.list_uris(uri)
+    except storage.ObjectNotFound:
+        return
+    for obj in objects:
+        storage.delete(obj)
+
+
 def _json_int(meta: dict[str, object], key: str) -> int:
     value = meta.get(key)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -769,12 +841,16 @@ def _read_state_json(checkpoint_dir: Path) -> dict[str, object] | None:
     path = checkpoint_dir / STATE_FILE
     if not path.is_file():
         return None
+    return _parse_state(path.read_text(), str(path))
+
+
+def _parse_state(text: str, where: str) -> dict[str, object]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ResumeError(f"{path} is not valid JSON ({exc})") from exc
+        raise ResumeError(f"{where} is not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise ResumeError(f"{path} must hold a JSON object")
+        raise ResumeError(f"{where} must hold a JSON object")
     return data
 
 
@@ -974,23 +1050,32 @@ def supervised_train(
     recipe: str = "digits-cnn",
     recipe_overrides_json: str = "{}",
     backbone: Optional[Input[Model]] = None,  # noqa: UP045 (kfp needs Optional[...] for optional artifacts)
+    checkpoint_uri: str = "",
 ) -> None:
     """Train a classifier from a recipe (a shipped name such as digits-cnn, or a YAML path) with optional JSON
     overrides; keep the best epoch on val_select; write the model (safetensors + model.json), logits of
     val_calib / val_test from that best model, metrics and a training curve. A retry resumes from the
-    per-epoch checkpoint kept next to the model artifact."""
+    per-epoch checkpoint kept next to the model artifact; with checkpoint_uri (s3://bucket/prefix) it is
+    mirrored to <checkpoint_uri>/<hash of this task's model URI>/ as well, which a retried pod on a cluster (same
+    output URI, empty disk) resumes from."""
+    import hashlib
     import os
     from pathlib import Path
 
     from components.recipes import load_recipe, parse_overrides
-    from components.supervised_train import STATE_FILE, curve_html, run
+    from components.supervised_train import STATE_FILE, curve_html, remove_mirror, run
+    from serving import storage
 
     chosen = load_recipe(recipe, parse_overrides(recipe_overrides_json))
     model_dir = Path(model.path)
     checkpoint_dir = model_dir.parent / (model_dir.name + "-checkpoint")
+    mirror = ""
+    if checkpoint_uri:
+        mirror = storage.join(checkpoint_uri, hashlib.sha256(model.uri.encode()).hexdigest()[:16])
     # test hook: crash once after epoch N (only when no checkpoint exists yet), to exercise set_retry resume
     crash = os.environ.get("VISIONPIPE_CRASH_AFTER_EPOCH", "")
-    stop_after = int(crash) if crash and not (checkpoint_dir / STATE_FILE).exists() else None
+    has_checkpoint = (checkpoint_dir / STATE_FILE).exists() or bool(mirror and storage.exists(f"{mirror}/{STATE_FILE}"))
+    stop_after = int(crash) if crash and not has_checkpoint else None
     png = Path(curve.path).with_suffix(".png")
     result = run(
         dataset_dir=Path(dataset.path),
@@ -1001,6 +1086,7 @@ def supervised_train(
         backbone_dir=Path(backbone.path) if backbone is not None else None,
         curve_path=png,
         stop_after_epoch=stop_after,
+        checkpoint_uri=mirror,
     )
     Path(curve.path).write_text(curve_html(png, result))
     png.unlink()
@@ -1019,3 +1105,5 @@ def supervised_train(
     metrics.log_metric("train_images_per_second", round(result.images_per_second, 1))
     for split, acc in result.split_accuracy.items():
         metrics.log_metric(f"{split}_accuracy", round(acc, 6))
+    if mirror:  # every output is written: the mirror has done its job
+        remove_mirror(mirror)

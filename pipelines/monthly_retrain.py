@@ -32,6 +32,7 @@ def monthly_retrain_pipeline(
     seed: int = 0,
     recipe: str = "digits-cnn",
     recipe_overrides_json: str = "{}",
+    checkpoint_uri: str = "",
     objective: str = "mcc",
     target_selective_accuracy: float = 0.99,
     bootstrap: int = 1000,
@@ -58,7 +59,8 @@ def monthly_retrain_pipeline(
     (<YYYY-MM>/labelled/<class>/<image> are taken in). champion_uri: the bundle in production: its backbone is the
     warm start, it is the parent in the provenance, and the challenger must not be worse than it by more than
     champion_margin on the new val_test. start_canary_enabled: patch InferenceService isvc_name in namespace to
-    send canary_percent% of the traffic to the new bundle."""
+    send canary_percent% of the traffic to the new bundle. checkpoint_uri: s3:// prefix the training checkpoint is
+    mirrored to each epoch, so a retried training pod resumes (empty = local only)."""
     month = fetch_month(
         data_prefix=data_prefix,
         data_month=data_month,
@@ -73,6 +75,7 @@ def monthly_retrain_pipeline(
         recipe=recipe,
         recipe_overrides_json=recipe_overrides_json,
         backbone=warm.outputs["backbone"],
+        checkpoint_uri=checkpoint_uri,
     ).set_display_name("supervised_train")
     training_resources(train)
     decisions: dict[str, object] = {

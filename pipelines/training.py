@@ -34,9 +34,11 @@ class TrainingOutputs(NamedTuple):
 
 
 def training_resources(task: dsl.PipelineTask) -> None:
-    """Cluster resources for the training steps (ignored by kfp.local); retries resume from the checkpoint."""
+    """Cluster resources for the training steps (ignored by kfp.local); retries resume from the checkpoint (kept
+    in the pod, and mirrored to checkpoint_uri with the S3 credentials of the secret when that is set)."""
     task.set_cpu_request("2").set_memory_request("4G").set_memory_limit("16G")
     task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS, optional=True)
 
 
 def decide_validate_export(
@@ -86,6 +88,7 @@ def training_pipeline(
     max_bad_fraction: float = 0.05,
     recipe: str = "digits-cnn",
     recipe_overrides_json: str = "{}",
+    checkpoint_uri: str = "",
     domain_pretrain_enabled: bool = False,
     pretrain_epochs: int = 5,
     pretrain_max_steps: int = 0,
@@ -113,7 +116,8 @@ def training_pipeline(
     """Data: source (builtin://sklearn-digits, or a folder <class>/<image> on a local path or s3://bucket/prefix),
     positive_class (binary tasks), image_size (0 = native), the four split ratios, seed, max_bad_fraction.
     Training: recipe (digits-cnn, digits-resnet18, roadwork-vit-dora, roadwork-dinov2-lora, or a YAML path) with
-    JSON overrides; optional self-supervised domain_pretrain first. Decisions: the threshold objective (mcc, f1,
+    JSON overrides; checkpoint_uri (s3://bucket/prefix, empty = local only) mirrors the per-epoch checkpoint so a
+    retried pod resumes; optional self-supervised domain_pretrain first. Decisions: the threshold objective (mcc, f1,
     youden, recall_at_precision>=p, precision_at_recall>=r), the abstain target for multi-class, calibration
     method (auto picks by cross-fitted NLL), conformal alpha and score, SCRC selection rate and delta, the active
     policy. Validation: quality gates on val_test (negative = off) and an optional champion bundle URI with a
@@ -174,12 +178,13 @@ def training_pipeline(
             recipe=recipe,
             recipe_overrides_json=recipe_overrides_json,
             backbone=pretrain.outputs["backbone"],
+            checkpoint_uri=checkpoint_uri,
         ).set_display_name("supervised_train")
         training_resources(adapted)
         decide_validate_export(dataset, adapted, decisions, release, destination, threshold_at_half)
     with dsl.Else(name="domain-pretrain-off"):
         scratch = supervised_train(
-            dataset=dataset, recipe=recipe, recipe_overrides_json=recipe_overrides_json
+            dataset=dataset, recipe=recipe, recipe_overrides_json=recipe_overrides_json, checkpoint_uri=checkpoint_uri
         ).set_display_name("supervised_train")
         training_resources(scratch)
         decide_validate_export(dataset, scratch, decisions, release, destination, threshold_at_half)

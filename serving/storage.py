@@ -180,6 +180,15 @@ def list_uris(prefix: str) -> list[str]:
     return _s3_call(prefix, op)
 
 
+def delete(uri: str) -> None:
+    """Remove one object / file; a missing one is not an error."""
+    if not is_s3(uri):
+        _local(uri).unlink(missing_ok=True)
+        return
+    bucket, key = split_s3(uri)
+    _s3_call(uri, lambda: _client().remove_object(bucket, key))
+
+
 def upload_file(local: Path, uri: str) -> None:
     if not is_s3(uri):
         write_bytes(uri, local.read_bytes())

@@ -201,6 +201,41 @@ def test_finished_checkpoint_is_not_retrained(dataset: Path, tmp_path: Path) -> 
     assert again.resumed_from_epoch == 1 and again.history == first.history
 
 
+@pytest.mark.parametrize("where", ["s3", "folder"])
+def test_a_retry_on_a_fresh_disk_resumes_from_the_checkpoint_mirror(
+    dataset: Path, tmp_path: Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    """On a cluster a retried pod gets an empty disk: the checkpoint mirrored to checkpoint_uri carries the run."""
+    from serving import storage
+
+    remote = storage.join(request.getfixturevalue("s3_bucket"), "ckpt/task") if where == "s3" else str(tmp_path / "m")
+    recipe = tiny_recipe(epochs=3, ema={"enabled": True, "decay": 0.9})
+    straight = train(dataset, tmp_path / "a", recipe)
+    with pytest.raises(st.TrainingInterrupted):
+        train(dataset, tmp_path / "first-pod", recipe, stop_after_epoch=1, checkpoint_uri=remote)
+    names = sorted(u.rsplit("/", 1)[-1] for u in storage.list_uris(remote))
+    assert names == ["best-0001.safetensors", "state-0001.safetensors", st.STATE_FILE]
+
+    resumed = train(dataset, tmp_path / "second-pod", recipe, checkpoint_uri=remote)
+    assert resumed.resumed_from_epoch == 1
+    a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("a", "second-pod"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["train_loss"] for h in straight.history] == [h["train_loss"] for h in resumed.history]
+    names = [u.rsplit("/", 1)[-1] for u in storage.list_uris(remote)]  # stale epochs were deleted remotely
+    assert f"state-{3:04d}.safetensors" in names and len(names) == 3
+
+    st.remove_mirror(remote)
+    assert not storage.exists(storage.join(remote, st.STATE_FILE))
+
+
+def test_a_broken_mirror_is_refused_with_its_location(dataset: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "mirror"
+    remote.mkdir()
+    (remote / st.STATE_FILE).write_text("{not json")
+    with pytest.raises(st.ResumeError, match=r"mirror/state.json is not valid JSON"):
+        train(dataset, tmp_path / "pod", tiny_recipe(epochs=1), checkpoint_uri=str(remote))
+
+
 def test_resume_refuses_another_recipe(dataset: Path, tmp_path: Path) -> None:
     train(dataset, tmp_path, tiny_recipe(epochs=1))
     with pytest.raises(st.ResumeError, match="another recipe"):
@@ -372,17 +407,26 @@ def test_mcc_selection_needs_a_binary_task() -> None:
 # --------------------------------------------------------------------------------------------- kfp.local
 
 
-def test_component_runs_under_kfp_local_and_a_retry_resumes(dataset: Path, tmp_path: Path) -> None:
-    """The first attempt crashes after epoch 1 (test hook); set_retry reruns it and it resumes from epoch 1."""
+@pytest.mark.parametrize("mirrored", [False, True], ids=["local-checkpoint", "mirrored-to-s3"])
+def test_component_runs_under_kfp_local_and_a_retry_resumes(
+    dataset: Path, tmp_path: Path, mirrored: bool, request: pytest.FixtureRequest
+) -> None:
+    """The first attempt crashes after epoch 1 (test hook); set_retry reruns it and it resumes from epoch 1.
+    With checkpoint_uri the checkpoint is mirrored to S3 during the run and the mirror is removed at the end."""
     from kfp import dsl, local
 
+    from serving import storage
+
+    mirror = storage.join(request.getfixturevalue("s3_bucket"), "checkpoints") if mirrored else ""
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     overrides = json.dumps({k: v for k, v in TINY.items() if k != "epochs"} | {"epochs": 2})
 
     @dsl.pipeline
     def train_pipeline(dataset_uri: str) -> None:
         ds = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset, reimport=False)
-        task = st.supervised_train(dataset=ds.output, recipe="digits-cnn", recipe_overrides_json=overrides)
+        task = st.supervised_train(
+            dataset=ds.output, recipe="digits-cnn", recipe_overrides_json=overrides, checkpoint_uri=mirror
+        )
         task.set_env_variable("VISIONPIPE_CRASH_AFTER_EPOCH", "1")
         task.set_retry(num_retries=1)
 
@@ -400,3 +444,5 @@ def test_component_runs_under_kfp_local_and_a_retry_resumes(dataset: Path, tmp_p
     a = load_file(str(found[0]))
     b = load_file(str(tmp_path / "direct" / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if mirrored:
+        assert storage.list_uris(mirror) == []
