@@ -41,6 +41,7 @@ from components.datasets import Dataset as LoadedDataset
 from components.datasets import SplitData, load_dataset, write_json
 from components.peft_utils import PeftSpec, apply_peft, merge_peft, trainable_summary
 from components.recipes import LossSpec, Recipe, recipe_hash
+from serving import storage
 from serving.metrics import mcc
 from serving.models import (
     CONVNETS,
@@ -771,12 +772,17 @@ class CheckpointMirror:
     state.json no longer names."""
 
     def __init__(self, uri: str, local_dir: Path, log: Log) -> None:
+        if not (uri.startswith("s3://") or Path(uri).is_absolute()):
+            raise TrainError(
+                f"checkpoint_uri={uri!r} must be an s3://bucket/prefix URI or an absolute folder path (shared by the "
+                "attempts of a task); leave it empty to keep the checkpoint beside the model artifact only"
+            )
+        if uri.startswith("s3://"):
+            storage.split_s3(uri)  # an s3:// URI without a bucket name is refused here, before training
         self.uri, self.local_dir, self.log = uri.rstrip("/"), local_dir, log
         self._uploaded: set[str] = set()
 
     def pull(self) -> None:
-        from serving import storage
-
         remote_state = storage.join(self.uri, STATE_FILE)
         if not storage.exists(remote_state):
             self.log(f"supervised_train: no checkpoint at {self.uri} yet; mirroring each epoch there")
@@ -785,7 +791,9 @@ class CheckpointMirror:
         local = _read_state_json(self.local_dir)
         if local is not None and _json_int(local, "epoch") >= _json_int(remote, "epoch"):
             return
-        names = [str(remote["state_file"]), str(remote["best_file"])]
+        names = [str(remote.get("state_file", "")), str(remote.get("best_file", ""))]
+        if not all(names):
+            raise ResumeError(f"{remote_state} does not name its state_file and best_file")
         for name in names:
             storage.download_file(storage.join(self.uri, name), self.local_dir / name)
         tmp = self.local_dir / (STATE_FILE + ".tmp")
@@ -795,8 +803,6 @@ class CheckpointMirror:
         self.log(f"supervised_train: fetched the epoch {_json_int(remote, 'epoch')} checkpoint from {self.uri}")
 
     def push(self) -> None:
-        from serving import storage
-
         meta = _read_state_json(self.local_dir)
         if meta is None:
             return
@@ -813,8 +819,6 @@ class CheckpointMirror:
 
 def remove_mirror(uri: str) -> None:
     """Delete a checkpoint mirror (every object below `uri`) once the training outputs are written."""
-    from serving import storage
-
     try:
         objects = storage.list_uris(uri)
     except storage.ObjectNotFound:

@@ -18,6 +18,7 @@ from components.datasets import load_dataset
 from components.recipes import LossSpec, Recipe, RecipeError, load_recipe, recipe_hash
 from serving.models import ArchSpec, build_model, load_weights
 from serving.preprocessing import PreprocessSpec, to_model_input
+from serving.storage import StorageError
 
 TINY = {
     "epochs": 3,
@@ -226,6 +227,13 @@ def test_a_retry_on_a_fresh_disk_resumes_from_the_checkpoint_mirror(
 
     st.remove_mirror(remote)
     assert not storage.exists(storage.join(remote, st.STATE_FILE))
+
+
+@pytest.mark.parametrize("uri", ["relative/folder", "s3:/one-slash", "s3://"])
+def test_a_bad_checkpoint_uri_is_refused_before_training(dataset: Path, tmp_path: Path, uri: str) -> None:
+    with pytest.raises((st.TrainError, StorageError), match=r"s3://"):
+        train(dataset, tmp_path, tiny_recipe(epochs=1), checkpoint_uri=uri)
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_a_broken_mirror_is_refused_with_its_location(dataset: Path, tmp_path: Path) -> None:
