@@ -9,11 +9,14 @@ negative log-likelihood. Reads only the eval_probs.npz files the tuning runs wro
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 
-TTA_MODES = ("off", "5", "17")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serving.tta import TTA_MODES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,9 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     per_member: dict[str, npt.NDArray[np.float64]] = {}
     for k, (model, preprocess, classes) in zip(seeds, members, strict=True):
         labels = np.asarray([classes.index(c) for c in test_names], dtype=np.int64)
-        per_member[f"seed{k}"] = member = member_probs(model, test_images, preprocess, tta_mode)
-        if args.holdout_fold >= 0:  # tuning mode: keep every TTA mode's probabilities for comparisons
-            per_member.update({f"seed{k}_tta{m}": member_probs(model, test_images, preprocess, m) for m in TTA_MODES})
+        # tuning mode keeps every TTA mode's probabilities for comparisons; each mode is computed once
+        modes = TTA_MODES if args.holdout_fold >= 0 else (tta_mode,)
+        by_mode = {m: member_probs(model, test_images, preprocess, m) for m in modes}
+        per_member[f"seed{k}"] = member = by_mode[tta_mode]
+        if args.holdout_fold >= 0:
+            per_member.update({f"seed{k}_tta{m}": p for m, p in by_mode.items()})
         if args.seeds > 1:
             print(f"ensemble member seed {k}: {what_is_tested} accuracy {accuracy(member, labels):.4f}")
         probs += member / args.seeds

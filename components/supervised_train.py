@@ -722,9 +722,7 @@ def save_checkpoint(loop: _Loop, recipe: Recipe, checkpoint_dir: Path, best_chan
         "state_file": state_name,
         "best_file": best_name,
     }
-    tmp = checkpoint_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, sort_keys=True, indent=1) + "\n")
-    os.replace(tmp, checkpoint_dir / STATE_FILE)
+    _write_state_json(checkpoint_dir, meta)
     for stale in checkpoint_dir.glob("*.safetensors"):
         if stale.name not in (state_name, best_name):
             stale.unlink()
@@ -796,9 +794,7 @@ class CheckpointMirror:
             raise ResumeError(f"{remote_state} does not name its state_file and best_file")
         for name in names:
             storage.download_file(storage.join(self.uri, name), self.local_dir / name)
-        tmp = self.local_dir / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(remote, sort_keys=True, indent=1) + "\n")
-        os.replace(tmp, self.local_dir / STATE_FILE)
+        _write_state_json(self.local_dir, remote)
         self._uploaded.update(names)
         self.log(f"supervised_train: fetched the epoch {_json_int(remote, 'epoch')} checkpoint from {self.uri}")
 
@@ -846,6 +842,13 @@ def _read_state_json(checkpoint_dir: Path) -> dict[str, object] | None:
     if not path.is_file():
         return None
     return _parse_state(path.read_text(), str(path))
+
+
+def _write_state_json(checkpoint_dir: Path, meta: dict[str, object]) -> None:
+    """state.json, written atomically (temp file + rename): it is always the last file of a checkpoint."""
+    tmp = checkpoint_dir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, sort_keys=True, indent=1) + "\n")
+    os.replace(tmp, checkpoint_dir / STATE_FILE)
 
 
 def _parse_state(text: str, where: str) -> dict[str, object]:
@@ -1078,7 +1081,8 @@ def supervised_train(
         mirror = storage.join(checkpoint_uri, hashlib.sha256(model.uri.encode()).hexdigest()[:16])
     # test hook: crash once after epoch N (only when no checkpoint exists yet), to exercise set_retry resume
     crash = os.environ.get("VISIONPIPE_CRASH_AFTER_EPOCH", "")
-    has_checkpoint = (checkpoint_dir / STATE_FILE).exists() or bool(mirror and storage.exists(f"{mirror}/{STATE_FILE}"))
+    mirrored = bool(mirror) and storage.exists(storage.join(mirror, STATE_FILE))
+    has_checkpoint = (checkpoint_dir / STATE_FILE).exists() or mirrored
     stop_after = int(crash) if crash and not has_checkpoint else None
     png = Path(curve.path).with_suffix(".png")
     result = run(
