@@ -1,17 +1,26 @@
 # `make demo` and `make test` bootstrap .venv on a fresh machine (python3 >= 3.11 needed), then do their job.
-# The install is skipped while .venv is current with pyproject.toml.
+# They install exactly what uv.lock pins (`uv sync --frozen`); the install is skipped while .venv is current
+# with uv.lock. `make upgrade PACKAGE=kfp` (or PACKAGE=all) moves the lock, reinstalls and recompiles the IR.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.visionpipe-installed
 PYTEST_ARGS ?=
+PACKAGE ?=
+# uv itself is pinned in uv.lock (dev extra), so the bootstrap installs that same version.
+UV_VERSION := $(shell awk '/^name = "uv"$$/ {getline; gsub(/"/, "", $$3); print $$3; exit}' uv.lock)
+UV := $(VENV)/bin/uv
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 
-.PHONY: demo test lint typecheck unit install clean
+.PHONY: demo test lint typecheck unit install upgrade clean
 
-$(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check uv
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -e '.[dev]'
+$(STAMP): uv.lock pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	@# uv sync removes pip (it is not in the lock); ensurepip brings it back when uv itself must change.
+	if [ "$$($(UV) --version 2>/dev/null | cut -d' ' -f2)" != "$(UV_VERSION)" ]; then \
+	  $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --default-pip >/dev/null; \
+	  $(PY) -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"; fi
+	$(UV) sync --frozen --extra dev --python $(PY) --quiet
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +39,15 @@ unit: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: lint typecheck unit
+
+# One command to move a dependency: re-resolve the lock, install it, recompile the checked-in IR (the SDK
+# version is written into it), then run `make test` and commit uv.lock with pipelines/compiled/.
+upgrade: $(STAMP)
+	@test -n "$(PACKAGE)" || { echo "usage: make upgrade PACKAGE=<name>   (or PACKAGE=all)"; exit 2; }
+	if [ "$(PACKAGE)" = all ]; then $(UV) lock --upgrade; else $(UV) lock --upgrade-package "$(PACKAGE)"; fi
+	$(UV) sync --frozen --extra dev --python $(PY) --quiet
+	touch $(STAMP)
+	$(VENV)/bin/visionpipe compile
 
 clean:
 	rm -rf runs bundles .pytest_cache .mypy_cache .ruff_cache
