@@ -26,6 +26,6 @@ RUN pip install --extra-index-url "${TORCH_INDEX_URL}" . \
 USER 10001:10001
 
 EXPOSE 8080
-# KServe's ServingRuntime overrides these arguments (see manifests/base/serving-runtime.yaml);
+# KServe's ServingRuntime overrides these arguments (see manifests/common/serving-runtime.yaml);
 # KFP components override the command entirely.
 CMD ["python", "-m", "serving.server", "--model_name=model", "--model_dir=/mnt/models", "--http_port=8080", "--host=0.0.0.0"]

@@ -1,17 +1,21 @@
 """Benchmark: serving latency and throughput of the KServe predictor over HTTP (v2 REST), TTA off and 17.
 
-For each TTA mode the real server (``python -m serving.server``) is started as a subprocess on a free loopback
-port, warmed up, and sent ``--requests`` single-image v2 requests (one BYTES input, shape [1], a base64 PNG of a
-val_test digit) at concurrency 1, 8 and 32 from a thread pool (one keep-alive connection per thread). Per-request
-wall latency (send -> whole answer read) gives p50 / p95 / p99; requests / wall time gives throughput. The server
-is stopped by its PID before the next one starts.
+For each TTA mode and each torch thread setting (``--torch-threads``, default ``default,1``: torch's own
+intra-op thread count, i.e. unset, the old behaviour, beside the server's new default of one thread per pool
+worker) the real server (``python -m serving.server``) is started as a subprocess on a free loopback port,
+warmed up, and sent ``--requests`` single-image v2 requests (one BYTES input, shape [1], a base64 PNG of a
+val_test digit) at each concurrency of ``--levels`` (default 1, 8, 32) from a thread pool (one keep-alive
+connection per thread). Per-request wall latency (send -> whole answer read) gives p50 / p95 / p99; requests /
+wall time gives throughput. The server is stopped by its PID before the next one starts; all settings run in
+one invocation, so their rows share the machine's conditions (the load average is printed with each row).
 
 Beside that, the same bundle is timed in-process, without HTTP: the model's forward pass for one image (and for
 the 17 TTA variants of one image) under torch.inference_mode, and the predictor hooks preprocess -> predict ->
 postprocess, each the median of many runs, so the table shows where the time goes.
 
     .venv/bin/python bench/serve.py [--bundle DIR] [--requests 300] [--warmup 30] [--levels 1,8,32]
-        [--tta off,17] [--level-timeout 120] [--server-threads N] [--reps 300] [--profile]
+        [--tta off,17] [--torch-threads default,1] [--pool-workers N] [--level-timeout 120] [--reps 300]
+        [--no-in-process] [--profile]
 
 Each HTTP row also shows the server process's CPU time per request (user + system, from /proc) and the 1-minute
 load average: on a machine shared with other jobs, latency swings with their load while CPU ms/request stays put.
@@ -22,7 +26,8 @@ with ``standard`` preprocessing, threshold sweep, calibration, bundle validation
 p50 <= 20 ms and p95 <= 60 ms with TTA off, p50 <= 60 ms with 17-variant TTA.
 
 The last line printed is ``p50_ms=<float> p95_ms=<float> tta17_p50_ms=<float> rps_c8=<float>`` (p50 / p95 at
-concurrency 1 with TTA off, p50 at concurrency 1 with TTA 17, requests/s at concurrency 8 with TTA off).
+concurrency 1 with TTA off, p50 at concurrency 1 with TTA 17, requests/s at concurrency 8 with TTA off, all
+with the last ``--torch-threads`` setting).
 """
 
 from __future__ import annotations
@@ -154,15 +159,16 @@ def in_process(bundle: Path, tta: str, pngs: list[str], reps: int, profile: bool
     """Median times (ms) of the model forward and of each predictor hook for one image, without HTTP."""
     from kserve.protocol.infer_type import InferInput, InferRequest
 
-    from serving.predictor import ServeConfig, VisionPredictor
+    from serving.predictor import ServeConfig, VisionPredictor, image_to_array
     from serving.preprocessing import to_model_input
     from serving.tta import tta_batch
+    from serving.upload import decode_image
 
     predictor = VisionPredictor(MODEL_NAME, [str(bundle)], ServeConfig(tta=tta))
     predictor.load()
     spec = predictor.preprocess_spec
     model = predictor.primary.models[0]
-    image = run_sync(predictor.preprocess(request_of(pngs[0], InferRequest, InferInput))).images[0]
+    image = image_to_array(decode_image(base64.b64decode(pngs[0])), spec)
     x = to_model_input(image[None], spec)
     fill = float((0.0 - spec.mean[0]) / spec.std[0])
     xv = tta_batch(x, tta, fill)
@@ -176,18 +182,19 @@ def in_process(bundle: Path, tta: str, pngs: list[str], reps: int, profile: bool
     def request() -> Any:
         return request_of(pngs[next(counter) % len(pngs)], InferRequest, InferInput)
 
+    # The hooks' synchronous bodies (the server runs them on its worker pool): decode, infer; postprocess.
     def whole() -> object:
-        batch = run_sync(predictor.preprocess(request()))
-        return run_sync(predictor.postprocess(predictor.predict(batch)))
+        batch = predictor.decode(request())
+        return run_sync(predictor.postprocess(predictor.infer(batch)))
 
-    batch = run_sync(predictor.preprocess(request()))
-    answers = predictor.predict(batch)
+    batch = predictor.decode(request())
+    answers = predictor.infer(batch)
     times = {
         f"model forward ({len(xv)} x {tuple(xv.shape[1:])})": median_ms(forward, reps),
         "to_model_input (decoded image -> tensor)": median_ms(lambda: to_model_input(image[None], spec), reps),
         "tta_batch (variants)": median_ms(lambda: tta_batch(x, tta, fill), reps) if tta != "off" else 0.0,
-        "preprocess hook (base64 PNG -> uint8)": median_ms(lambda: run_sync(predictor.preprocess(request())), reps),
-        "predict hook (tensor, TTA, model, calibrator, policy)": median_ms(lambda: predictor.predict(batch), reps),
+        "decode (preprocess: base64 PNG -> model input)": median_ms(lambda: predictor.decode(request()), reps),
+        "infer (predict: TTA, model, calibrator, policy)": median_ms(lambda: predictor.infer(batch), reps),
         "postprocess hook (records, v2 outputs)": median_ms(lambda: run_sync(predictor.postprocess(answers)), reps),
         "whole predictor path (pre -> predict -> post)": median_ms(whole, reps),
     }
@@ -323,8 +330,14 @@ def run_level(
 
 
 def bench_server(
-    bundle: Path, tta: str, bodies: list[bytes], labels: npt.NDArray[np.int64], args: argparse.Namespace
+    bundle: Path,
+    tta: str,
+    threads: str,
+    bodies: list[bytes],
+    labels: npt.NDArray[np.int64],
+    args: argparse.Namespace,
 ) -> list[LevelResult]:
+    """One server (TTA mode, torch threads ``default`` = torch's own, i.e. unset, or a count), every level."""
     port = free_port()
     argv = [
         sys.executable,
@@ -340,14 +353,24 @@ def bench_server(
         tta,
         "--model_name",
         MODEL_NAME,
+        "--torch_threads",
+        "0" if threads == "default" else threads,  # 0: the server leaves torch's own default alone
+        "--max_queue",
+        str(max(args.levels) + 8),  # never refuse the benchmark's own concurrency
     ]
+    if args.pool_workers:
+        argv += ["--pool_workers", str(args.pool_workers)]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    if args.server_threads:  # torch reads these at import: intra-op threads of the server process
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.server_threads)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # torch's default must really be its own
+        env.pop(name, None)
     t0 = time.perf_counter()
     results = []
     with running_server(argv, port, timeout_s=90.0, env=env) as server:
-        print(f"server tta={tta}: pid {server.pid}, port {port}, ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(
+            f"server tta={tta} torch_threads={threads}: pid {server.pid}, port {port}, "
+            f"ready in {time.perf_counter() - t0:.1f} s; {_startup_line(server.log_tail(20000))}",
+            flush=True,
+        )
         client = Client(port)
         for i in range(args.warmup):
             client.post(bodies[i % len(bodies)])
@@ -355,6 +378,12 @@ def bench_server(
         for level in args.levels:
             results.append(run_level(client, server.pid, bodies, labels, level, args.requests, args.level_timeout))
     return results
+
+
+def _startup_line(log: str) -> str:
+    """The server's own account of its CPU budget, workers and torch threads (serving/server.py prints it)."""
+    line = next((ln for ln in log.splitlines() if ln.startswith("serving ") and "torch threads" in ln), "")
+    return line.split("; ", 1)[-1] if line else "(no startup line)"
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -365,18 +394,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=30, help="sequential warmup requests per server")
     parser.add_argument("--levels", default="1,8,32", help="client concurrency levels, in order")
     parser.add_argument("--tta", default="off,17", help="TTA modes to serve, one server each")
+    parser.add_argument(
+        "--torch-threads",
+        default="default,1",
+        help="torch intra-op thread settings, one server each: 'default' (torch's own, unset) or a count",
+    )
+    parser.add_argument("--pool-workers", type=int, default=0, help="the servers' --pool_workers (0: theirs)")
     parser.add_argument("--level-timeout", type=float, default=120.0, help="seconds per level at most")
-    parser.add_argument("--server-threads", type=int, default=0, help="OMP_NUM_THREADS for the servers (0: as is)")
     parser.add_argument("--reps", type=int, default=300, help="in-process repetitions per timing (median)")
+    parser.add_argument("--no-in-process", action="store_true", help="skip the in-process timings")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of the in-process path")
     args = parser.parse_args(argv)
     args.requests = max(1, min(args.requests, 10_000))
     args.levels = [max(1, min(int(v), 256)) for v in args.levels.split(",")]
     modes = [m.strip() for m in args.tta.split(",") if m.strip()]
+    settings = [t.strip() for t in args.torch_threads.split(",") if t.strip()]
+    for setting in settings:
+        if setting != "default" and not (setting.isdigit() and int(setting) >= 1):
+            parser.error(f"--torch-threads: {setting!r} is neither 'default' nor a positive count")
 
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, server threads {args.server_threads or 'default'}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, torch thread settings {settings}, "
         f"load average {os.getloadavg()}",
         flush=True,
     )
@@ -387,33 +426,40 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle {bundle}; {len(bodies)} val_test digits, request body ~{len(bodies[0])} bytes", flush=True)
 
     inproc: dict[str, dict[str, float]] = {}
-    http_results: dict[str, list[LevelResult]] = {}
+    http_results: dict[tuple[str, str], list[LevelResult]] = {}
     for tta in modes:
-        inproc[tta] = in_process(bundle, tta, pngs, args.reps, args.profile)
-        http_results[tta] = bench_server(bundle, tta, bodies, labels, args)
+        if not args.no_in_process:
+            inproc[tta] = in_process(bundle, tta, pngs, args.reps, args.profile)
+        for threads in settings:
+            http_results[(tta, threads)] = bench_server(bundle, tta, threads, bodies, labels, args)
 
-    print(f"\nin-process, one image (median of up to {args.reps} runs, ms):")
-    for tta in modes:
-        for name, ms in inproc[tta].items():
-            if ms:
-                print(f"  tta={tta:<3} {name:<56} {ms:8.3f}")
+    if inproc:
+        print(f"\nin-process, one image (median of up to {args.reps} runs, ms):")
+        for tta in modes:
+            for name, ms in inproc[tta].items():
+                if ms:
+                    print(f"  tta={tta:<3} {name:<56} {ms:8.3f}")
     print(f"\nHTTP v2 REST, one image per request, {args.requests} requests per level (latency in ms):")
     print(
-        f"  {'tta':<4} {'conc':>4} {'n':>5} {'err':>4} {'acc':>6} {'p50':>8} {'p95':>8} {'p99':>8} {'rps':>8}"
-        f" {'srv cpu ms/req':>14} {'load1':>6}"
+        f"  {'tta':<4} {'torch':>7} {'conc':>4} {'n':>5} {'err':>4} {'acc':>6} {'p50':>8} {'p95':>8} {'p99':>8}"
+        f" {'rps':>8} {'srv cpu ms/req':>14} {'load1':>6}"
     )
     for tta in modes:
-        for r in http_results[tta]:
-            acc = r.correct / len(r.latencies_ms) if r.latencies_ms else float("nan")
-            print(
-                f"  {tta:<4} {r.concurrency:>4} {len(r.latencies_ms):>5} {r.errors:>4} {acc:>6.3f}"
-                f" {r.pct(50):>8.2f} {r.pct(95):>8.2f} {r.pct(99):>8.2f} {r.rps:>8.1f}"
-                f" {r.cpu_ms_per_request:>14.2f} {r.load1:>6.2f}"
-            )
+        for level in args.levels:  # the settings side by side at each level
+            for threads in settings:
+                r = next(x for x in http_results[(tta, threads)] if x.concurrency == level)
+                acc = r.correct / len(r.latencies_ms) if r.latencies_ms else float("nan")
+                print(
+                    f"  {tta:<4} {threads:>7} {r.concurrency:>4} {len(r.latencies_ms):>5} {r.errors:>4} {acc:>6.3f}"
+                    f" {r.pct(50):>8.2f} {r.pct(95):>8.2f} {r.pct(99):>8.2f} {r.rps:>8.1f}"
+                    f" {r.cpu_ms_per_request:>14.2f} {r.load1:>6.2f}"
+                )
     print(f"load average after: {os.getloadavg()}")
 
+    last = settings[-1] if settings else "default"
+
     def find(tta: str, level: int) -> LevelResult | None:
-        return next((r for r in http_results.get(tta, []) if r.concurrency == level), None)
+        return next((r for r in http_results.get((tta, last), []) if r.concurrency == level), None)
 
     off1, off8, t17 = find("off", 1), find("off", 8), find("17", 1)
     nan = float("nan")

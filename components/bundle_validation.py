@@ -426,6 +426,11 @@ def bundle_validation(
     """Assemble the candidate bundle and check it: schema, checksums, preprocessing signature, policy, split
     contract, parity with training, quality gates (negative = off) and the optional champion. Fails the step,
     naming every failed check, when any check fails."""
+    from components.storage import require_s3_credentials, require_signing_key_in_pod
+
+    require_s3_credentials(champion_uri)  # first thing: no S3 settings -> fail naming the Secret, before any work
+    require_signing_key_in_pod()  # on a cluster the bundle must be signed with the key serving trusts
+
     import json
     from pathlib import Path
 

@@ -4,7 +4,8 @@
    temperature, platt, beta and isotonic (binary) or identity and temperature (multi-class); or it is fixed.
    The chosen method is then refitted on all of val_calib.
 2. Metrics: ECE (15 equal-width and equal-mass bins), MCE, Brier, NLL, accuracy before and after, on val_calib
-   (after = cross-fitted) and val_test; a reliability diagram.
+   (after = cross-fitted) and val_test; a reliability diagram (reliability.png, and reliability.html with the
+   diagram inlined and the key figures: the page the component publishes as its HTML output for the Kubeflow UI).
 3. Conformal sets (LAC / APS / RAPS) and SCRC-I on the calibrated val_calib probabilities
    (see components/conformal.py). Note: the calibrator was fitted on the same images; with 1-3 parameters
    (temperature, platt, beta) the effect on coverage is negligible, isotonic is more flexible.
@@ -21,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from kfp.dsl import Artifact, Input, Markdown, Metrics, Output
+from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Output
 
-from components._kfp import component
+from components._kfp import Table, component, html_page
 from components.conformal import ScrcFit, evaluate_conformal, fit_conformal, fit_scrc, scrc_report
 from components.threshold_sweep import LogitsMeta, load_logits, load_meta
 from serving.calibrators import CALIBRATION_METHODS, Calibrator, make_calibrator
@@ -42,6 +43,8 @@ MULTICLASS_METHODS = ("identity", "temperature")
 STRICTLY_MONOTONE = ("identity", "temperature", "platt", "beta")
 ACTIVE_CHOICES = ("threshold", "scrc")
 CV_FOLDS = 5
+PLOT_FILE = "reliability.png"
+HTML_FILE = "reliability.html"
 
 
 class CalibrationPhaseError(ValueError):
@@ -241,8 +244,9 @@ def write_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result.to_json_dict(), indent=2, sort_keys=True) + "\n"
     (out_dir / "calibration.json").write_text(text)
-    _reliability_plot(calib, test, out_dir / "reliability.png")
+    _reliability_plot(calib, test, out_dir / PLOT_FILE)
     (out_dir / "summary.md").write_text(summary_markdown(result))
+    (out_dir / HTML_FILE).write_text(reliability_html(result, out_dir / PLOT_FILE))
 
 
 def summary_markdown(result: CalibrationResult) -> str:
@@ -274,6 +278,31 @@ def summary_markdown(result: CalibrationResult) -> str:
     ]
     lines += [f"- note: {note}" for note in result.notes]
     return "\n".join(lines) + "\n"
+
+
+def reliability_html(result: CalibrationResult, png_path: Path) -> str:
+    """The reliability diagram (inlined) with ECE / Brier / NLL before and after and the conformal coverage."""
+    keys = ("ece", "brier", "nll", "accuracy")
+    calibration_rows = [
+        (split, stage, *(f"{m[k]:.4f}" for k in keys))
+        for split, stages in result.metrics.items()
+        for stage, m in stages.items()
+    ]
+    alpha = result.conformal_config.alpha
+    conformal_rows = [
+        (score, f"{rep['coverage']:.4f}", f"{1 - alpha:.4f}", f"{rep['mean_set_size']:.3f}")
+        for score, rep in result.conformal_val_test.items()
+    ]
+    title = f"Calibration: {result.method} (requested {result.requested_method})"
+    tables: list[Table] = [
+        (("split", "stage", "ECE (15 bins)", "Brier", "NLL", "accuracy"), calibration_rows),
+        (("conformal score (val_test)", "coverage", "target", "mean set size"), conformal_rows),
+        (
+            ("policy", "value"),
+            [("active", result.policy.active), ("fallback", result.policy.fallback)],
+        ),
+    ]
+    return html_page(title, png_path, tables, result.notes)
 
 
 def _folds(labels: IntArray, seed: int) -> list[tuple[IntArray, IntArray]]:
@@ -324,6 +353,7 @@ def calibrate(
     calibration: Output[Artifact],
     metrics: Output[Metrics],
     summary: Output[Markdown],
+    reliability_diagram: Output[HTML],
     method: str = "auto",
     alpha: float = 0.1,
     conformal_score: str = "aps",
@@ -333,10 +363,11 @@ def calibrate(
     seed: int = 0,
 ) -> None:
     """Fit the calibrator (chosen by cross-fitted NLL), conformal sets and the SCRC policy on val_calib;
-    carry the sweep threshold into the calibrated space; report ECE/Brier/NLL before and after."""
+    carry the sweep threshold into the calibrated space; report ECE/Brier/NLL before and after.
+    reliability_diagram: the diagram and key figures as an HTML page the Kubeflow UI shows."""
     from pathlib import Path
 
-    from components.calibration import run, summary_markdown
+    from components.calibration import HTML_FILE, run, summary_markdown
 
     result = run(
         Path(logits.path),
@@ -355,3 +386,4 @@ def calibrate(
             for key in ("ece", "nll", "brier"):
                 metrics.log_metric(f"{split}_{stage}_{key}", values[key])
     Path(summary.path).write_text(summary_markdown(result))
+    Path(reliability_diagram.path).write_text((Path(calibration.path) / HTML_FILE).read_text())

@@ -35,6 +35,9 @@ from components.datasets import (
 
 BUILTIN_DIGITS = "builtin://sklearn-digits"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Largest source image accepted, read from the file header before decoding: 40 megapixels is far above any
+# training photo, and a larger file (or a decompression bomb) is excluded as a bad file instead of killing the step.
+MAX_SOURCE_PIXELS = 40_000_000
 DEFAULT_RATIOS = (0.7, 0.1, 0.1, 0.1)
 
 
@@ -89,6 +92,7 @@ class FetchResult:
     class_counts: dict[str, dict[str, int]]
     bad_files: list[dict[str, str]] = field(default_factory=list)
     duplicate_groups: int = 0
+    label_conflicts: list[dict[str, object]] = field(default_factory=list)
     summary_markdown: str = ""
 
 
@@ -116,6 +120,7 @@ def run(
     )
     items, bad = read_source(source, config.image_size)
     _check_bad_share(source, len(items), bad, config.max_bad_fraction)
+    notes = _empty_class_notes(source, items, bad)
     classes = sorted({it.class_name for it in items})
     _check_classes(source, classes, config.positive_class)
     label_of = {name: i for i, name in enumerate(classes)}
@@ -133,7 +138,8 @@ def run(
         min_per_class_per_split=config.min_per_class_per_split,
         source=source,
         bad_files=bad,
-        notes=[channels_note] if channels_note else [],
+        notes=[*notes, channels_note] if channels_note else notes,
+        max_conflict_fraction=config.max_bad_fraction,
     )
 
 
@@ -150,8 +156,12 @@ def write_dataset_from_arrays(
     source: str = "arrays://",
     bad_files: list[dict[str, str]] | None = None,
     notes: list[str] | None = None,
+    max_conflict_fraction: float = 1.0,
 ) -> FetchResult:
-    """Split in-memory images (uint8 N,H,W,C) and write them as a Dataset artifact (also used by tests)."""
+    """Split in-memory images (uint8 N,H,W,C) and write them as a Dataset artifact (also used by tests).
+
+    Identical images that carry different labels are reported (summary and report.json) and fail the step when
+    they make up more than `max_conflict_fraction` of the images (data_fetch passes its max_bad_fraction)."""
     config = FetchConfig(ratios=_four(ratios), seed=seed, min_per_class_per_split=min_per_class_per_split)
     if images.ndim == 3:
         images = images[..., None]
@@ -159,6 +169,8 @@ def write_dataset_from_arrays(
         raise DataFetchError("images must be uint8 (N,H,W,C) with one label and one id per image")
     _check_classes(source, sorted(classes), positive_class or "")
     hashes = [content_hash(img) for img in images]
+    conflicts = label_conflicts(hashes, labels, classes, ids)
+    _check_conflict_share(source, len(labels), conflicts, max_conflict_fraction)
     assignment, duplicate_groups = assign_splits(hashes, labels, config.ratios, config.seed)
     split_indices = {s: np.flatnonzero(assignment == k) for k, s in enumerate(SPLITS)}
     class_counts = _class_counts(split_indices, labels, classes)
@@ -185,7 +197,10 @@ def write_dataset_from_arrays(
         },
     )
     write_json(out_dir / "splits.json", _splits_payload(split_indices, hashes, ids, class_counts, config))
-    write_json(out_dir / "report.json", {"bad_files": bad_files or [], "duplicate_groups": duplicate_groups})
+    write_json(
+        out_dir / "report.json",
+        {"bad_files": bad_files or [], "duplicate_groups": duplicate_groups, "label_conflicts": conflicts},
+    )
     result = FetchResult(
         out_dir=out_dir,
         classes=list(classes),
@@ -194,6 +209,7 @@ def write_dataset_from_arrays(
         class_counts=class_counts,
         bad_files=bad_files or [],
         duplicate_groups=duplicate_groups,
+        label_conflicts=conflicts,
     )
     result.summary_markdown = render_summary(result, source, notes or [])
     (out_dir / "summary.md").write_text(result.summary_markdown)
@@ -256,6 +272,15 @@ def render_summary(result: FetchResult, source: str, notes: list[str]) -> str:
     if result.bad_files:
         lines.append(f"Excluded {len(result.bad_files)} unreadable or non-image files (see report.json):")
         lines.extend(f"- `{b['file']}`: {b['reason']}" for b in result.bad_files[:20])
+    if result.label_conflicts:
+        count = sum(len(_as_str_list(c["ids"])) for c in result.label_conflicts)
+        lines.append(
+            f"Identical images with conflicting labels: {len(result.label_conflicts)} groups, {count} images "
+            "(kept, each group in one split; fix their labels):"
+        )
+        for c in result.label_conflicts[:20]:
+            pairs = zip(_as_str_list(c["ids"]), _as_str_list(c["labels"]), strict=True)
+            lines.append("- " + ", ".join(f"`{i}` ({label})" for i, label in pairs))
     lines.extend(notes)
     return "\n".join(lines) + "\n"
 
@@ -321,7 +346,10 @@ def _decode(data: bytes) -> UInt8Array:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            width, height = img.size
+            if width * height > MAX_SOURCE_PIXELS:
+                raise ValueError(f"image too large: {width}x{height} pixels > {MAX_SOURCE_PIXELS} allowed")
             img.load()
             mode = "L" if img.mode in ("1", "L", "I", "I;16", "F") or img.mode.startswith("I;") else "RGB"
             if img.mode == "LA":
@@ -329,6 +357,8 @@ def _decode(data: bytes) -> UInt8Array:
             arr = np.asarray(img.convert(mode), dtype=np.uint8)
     except UnidentifiedImageError as exc:
         raise ValueError("not a decodable image") from exc
+    except Image.DecompressionBombError as exc:  # Image.open refuses > 2x Image.MAX_IMAGE_PIXELS itself
+        raise ValueError(f"image too large (decompression bomb: {exc})") from exc
     except (OSError, SyntaxError) as exc:
         raise ValueError(f"unreadable image ({exc})") from exc
     return arr[..., None] if arr.ndim == 2 else arr
@@ -373,6 +403,50 @@ def _check_bad_share(source: str, good: int, bad: list[dict[str, str]], max_bad_
             f"({len(bad) / total:.1%} > max_bad_fraction={max_bad_fraction:.1%}); e.g. {examples}. "
             "Remove or fix them, or raise max_bad_fraction."
         )
+
+
+def label_conflicts(
+    hashes: Sequence[str], labels: Int64Array, classes: Sequence[str], ids: Sequence[str]
+) -> list[dict[str, object]]:
+    """Groups of identical images (same content hash) whose labels differ: ids and class names, by hash."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, h in enumerate(hashes):
+        groups[h].append(i)
+    return [
+        {"hash": h, "ids": [ids[i] for i in members], "labels": [classes[int(labels[i])] for i in members]}
+        for h, members in sorted(groups.items())
+        if len({int(labels[i]) for i in members}) > 1
+    ]
+
+
+def _check_conflict_share(source: str, total: int, conflicts: list[dict[str, object]], limit: float) -> None:
+    count = sum(len(_as_str_list(c["ids"])) for c in conflicts)
+    if total and count / total > limit:
+        example = ", ".join(f"{i}" for i in _as_str_list(conflicts[0]["ids"])[:4])
+        raise DataFetchError(
+            f"{count} of {total} images under {source} are identical copies with conflicting labels "
+            f"({count / total:.1%} > max_bad_fraction={limit:.1%}); e.g. {example}. "
+            "Fix the labels or remove the copies, or raise max_bad_fraction."
+        )
+
+
+def _as_str_list(value: object) -> list[str]:
+    assert isinstance(value, list)
+    return [str(v) for v in value]
+
+
+def _empty_class_notes(source: str, items: Sequence[RawItem], bad: Sequence[dict[str, str]]) -> list[str]:
+    """A note for every class folder that holds no readable image (empty, or only bad files)."""
+    if source.startswith("builtin://"):
+        return []
+    from serving import storage
+
+    folders = {b["file"].split("/")[0] for b in bad if "/" in b["file"]}
+    root = Path(source[len("file://") :] if source.startswith("file://") else source)
+    if not storage.is_s3(source) and root.is_dir():
+        folders |= {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    empty = sorted(folders - {it.class_name for it in items})
+    return [f"Class folder `{name}/` holds no readable image and was left out of the classes." for name in empty]
 
 
 def _check_classes(source: str, classes: list[str], positive_class: str) -> None:
@@ -449,6 +523,10 @@ def data_fetch(
     """Read labelled images (builtin://sklearn-digits, or a local / s3:// folder of <class>/<image>),
     split them into train / val_select / val_calib / val_test (stratified, seeded, duplicates kept
     together), and write the Dataset artifact with its splits.json and a class-count summary."""
+    from components.storage import require_s3_credentials
+
+    require_s3_credentials(source)  # first thing: no S3 settings -> fail naming the Secret, before any work
+
     from pathlib import Path
 
     from components.data_fetch import run

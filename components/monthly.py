@@ -96,21 +96,63 @@ def champion_backbone(champion_uri: str, out_dir: Path) -> dict[str, object]:
     return info
 
 
-def canary_patch(storage_uri: str, percent: int) -> dict[str, object]:
-    """The merge patch that starts a canary: the new bundle as the predictor's storageUri at `percent`%."""
+# The canary step speaks both KServe canary mechanisms (docs/rollout.md): Knative mode (manifests/base) takes the
+# predictor's canaryTrafficPercent; Standard mode (manifests/standard) takes a spec.canary entry, because only the
+# Knative reconciler reads canaryTrafficPercent (kserve pkg/controller/v1beta1/inferenceservice/reconcilers/knative/
+# ksvc_reconciler.go) and in Standard mode the new storageUri would take all the traffic at once. The same
+# patches as `visionpipe canary start` (pipelines/canary.py; a test keeps them equal).
+DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+LEGACY_MODES = {"Serverless": "Knative", "RawDeployment": "Standard"}  # kserve pkg/constants ParseDeploymentMode
+CANARY_PREDICTOR = "canary"  # spec.canary[].predictor.name: Deployment / Service <isvc>-canary-predictor
+CANARY_CONTAINER = "kserve-container"  # the CRD requires spec.canary[].predictor.model.name: the runtime container
+MODEL_FORMAT = {"name": "visionpipe", "version": "1"}  # manifests/common/serving-runtime.yaml supportedModelFormats
+
+
+def deployment_mode(isvc: dict[str, object]) -> str:
+    """`Knative` or `Standard`: the mode a live InferenceService runs in (`status.deploymentMode`, recorded by the
+    controller, else its `serving.kserve.io/deploymentMode` annotation; legacy names folded)."""
+    status = isvc.get("status")
+    metadata = isvc.get("metadata")
+    annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
+    recorded = status.get("deploymentMode") if isinstance(status, dict) else None
+    annotated = annotations.get(DEPLOYMENT_MODE_ANNOTATION) if isinstance(annotations, dict) else None
+    mode = recorded or annotated
+    if not isinstance(mode, str) or not mode:
+        raise MonthlyError(
+            "cannot tell the InferenceService's deployment mode: no status.deploymentMode and no "
+            f"{DEPLOYMENT_MODE_ANNOTATION} annotation (set the annotation, as manifests/ do)"
+        )
+    return LEGACY_MODES.get(mode, mode)
+
+
+def canary_patch(storage_uri: str, percent: int, mode: str = "Knative") -> dict[str, object]:
+    """The merge patch that starts a canary of the bundle `storage_uri` at `percent`% for an InferenceService in
+    deployment `mode` (Knative / Serverless: canaryTrafficPercent; Standard / RawDeployment: spec.canary)."""
     if not 0 < percent <= 100:
         raise MonthlyError(f"canary_percent={percent} must be in 1..100")
-    return {"spec": {"predictor": {"canaryTrafficPercent": percent, "model": {"storageUri": storage_uri}}}}
+    mode = LEGACY_MODES.get(mode, mode)
+    if mode == "Knative":
+        return {"spec": {"predictor": {"canaryTrafficPercent": percent, "model": {"storageUri": storage_uri}}}}
+    if mode == "Standard":
+        model = {"name": CANARY_CONTAINER, "modelFormat": dict(MODEL_FORMAT), "storageUri": storage_uri}
+        return {
+            "spec": {"canary": [{"trafficPercent": percent, "predictor": {"name": CANARY_PREDICTOR, "model": model}}]}
+        }
+    raise MonthlyError(f"deployment mode {mode!r} has no canary: use Knative (Serverless) or Standard")
 
 
 def start_canary_patch(name: str, namespace: str, storage_uri: str, percent: int) -> dict[str, object]:
-    """Patch InferenceService `name` through the Kubernetes API (in-cluster service account, see RBAC)."""
+    """Patch InferenceService `name` through the Kubernetes API (in-cluster service account, see RBAC): read it to
+    learn its deployment mode, then send the matching canary patch. The client sends a dict body to a custom
+    object as `application/merge-patch+json` (kubernetes/client/api/custom_objects_api.py), RFC 7386."""
     from kubernetes import client, config
 
     config.load_incluster_config()
     api = client.CustomObjectsApi()
+    live: dict[str, object] = api.get_namespaced_custom_object(ISVC_GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name)
+    patch = canary_patch(storage_uri, percent, deployment_mode(live))
     result: dict[str, object] = api.patch_namespaced_custom_object(
-        ISVC_GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name, canary_patch(storage_uri, percent)
+        ISVC_GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name, patch
     )
     return result
 
@@ -133,7 +175,9 @@ def fetch_month(
 
     from components.data_fetch import run
     from components.monthly import gather_month
+    from components.storage import require_s3_credentials
 
+    require_s3_credentials(data_prefix, hard_examples_prefix)  # fail at the start, naming the Secret
     with tempfile.TemporaryDirectory() as tmp:
         month = gather_month(data_prefix, data_month, hard_examples_prefix, Path(tmp) / "images")
         result = run(
@@ -155,7 +199,9 @@ def champion_warm_start(backbone: Output[Model], champion_uri: str) -> None:
     from pathlib import Path
 
     from components.monthly import champion_backbone
+    from components.storage import require_s3_credentials
 
+    require_s3_credentials(champion_uri)  # fail at the start, naming the Secret
     backbone.metadata.update(champion_backbone(champion_uri, Path(backbone.path)))
 
 

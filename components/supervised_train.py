@@ -1065,6 +1065,10 @@ def supervised_train(
     per-epoch checkpoint kept next to the model artifact; with checkpoint_uri (s3://bucket/prefix) it is
     mirrored to <checkpoint_uri>/<hash of this task's model URI>/ as well, which a retried pod on a cluster (same
     output URI, empty disk) resumes from."""
+    from components.storage import require_s3_credentials
+
+    require_s3_credentials(checkpoint_uri)  # first thing (backbone is an artifact: the launcher fetched it already)
+
     import hashlib
     import os
     from pathlib import Path

@@ -9,7 +9,8 @@ risk-coverage curve, and the threshold with the largest coverage whose selective
 
 Thresholds are stored in the raw probability space ("positive iff p >= t" / "abstain iff top < t"); each
 chosen threshold sits midway between two adjacent distinct scores, so small numeric differences downstream do
-not flip decisions. ``run`` writes threshold.json, curve.csv, sweep.png and summary.md.
+not flip decisions. ``run`` writes threshold.json, curve.csv, sweep.png, summary.md and sweep.html (the plot
+inlined with the key figures: the page the component publishes as its HTML output for the Kubeflow UI).
 """
 
 import json
@@ -19,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from kfp.dsl import Artifact, ClassificationMetrics, Input, Markdown, Metrics, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Input, Markdown, Metrics, Output
 
-from components._kfp import component
+from components._kfp import component, html_page
 from serving.metrics import FloatArray, IntArray, binary_metrics_from_counts, softmax
 from serving.policies import ThresholdPolicy, apply_policy
 
@@ -29,6 +30,8 @@ SPLITS = ("val_calib", "val_test")
 SIMPLE_OBJECTIVES = ("mcc", "f1", "youden")
 CONSTRAINED_OBJECTIVES = ("recall_at_precision", "precision_at_recall")
 ROC_POINTS = 200
+PLOT_FILE = "sweep.png"
+HTML_FILE = "sweep.html"
 _CONSTRAINED = re.compile(r"^(recall_at_precision|precision_at_recall)>=([0-9]*\.?[0-9]+)$")
 
 
@@ -342,8 +345,9 @@ def run(
 def write_outputs(result: SweepResult, table: dict[str, FloatArray], out_dir: Path) -> None:
     (out_dir / "threshold.json").write_text(json.dumps(result.to_json_dict(), indent=2, sort_keys=True) + "\n")
     _write_csv(out_dir / "curve.csv", table)
-    _plot(result, table, out_dir / "sweep.png")
+    _plot(result, table, out_dir / PLOT_FILE)
     (out_dir / "summary.md").write_text(summary_markdown(result))
+    (out_dir / HTML_FILE).write_text(sweep_html(result, out_dir / PLOT_FILE))
 
 
 def summary_markdown(result: SweepResult) -> str:
@@ -363,6 +367,30 @@ def summary_markdown(result: SweepResult) -> str:
         lines.append(f"| {key} | {result.metrics[key]:.4g} | {'' if test is None else f'{test:.4g}'} |")
     lines += [f"- note: {note}" for note in result.notes]
     return "\n".join(lines) + "\n"
+
+
+def sweep_html(result: SweepResult, png_path: Path) -> str:
+    """The sweep plot (inlined) with the chosen threshold, the objective and the metrics, as one HTML page."""
+    ci = f"[{result.ci_low:.4f}, {result.ci_high:.4f}]"
+    key_figures = (
+        ("figure", "value"),
+        [
+            ("threshold", f"{result.threshold:.6g} ({result.space} probability space)"),
+            ("objective", result.objective),
+            ("objective value (val_calib)", f"{result.objective_value:.4f}"),
+            (f"95% bootstrap CI ({result.bootstrap} resamples)", ci),
+        ],
+    )
+    rows = [
+        (
+            key,
+            f"{result.metrics[key]:.4g}",
+            "" if key not in result.metrics_val_test else f"{result.metrics_val_test[key]:.4g}",
+        )
+        for key in sorted(result.metrics)
+    ]
+    title = f"Threshold sweep ({result.task}): threshold {result.threshold:.4g}"
+    return html_page(title, png_path, [key_figures, (("metric", "val_calib", "val_test"), rows)], result.notes)
 
 
 def log_classification_metrics(result: SweepResult, artifact: ClassificationMetrics) -> None:
@@ -596,16 +624,18 @@ def threshold_sweep(
     classification_metrics: Output[ClassificationMetrics],
     metrics: Output[Metrics],
     summary: Output[Markdown],
+    sweep_plot: Output[HTML],
     objective: str = "mcc",
     target_selective_accuracy: float = 0.99,
     bootstrap: int = 1000,
     seed: int = 0,
 ) -> None:
     """Choose the decision threshold on val_calib: exact MCC/F1/... sweep (binary) or the abstain threshold
-    with the largest coverage meeting a selective-accuracy target (multi-class)."""
+    with the largest coverage meeting a selective-accuracy target (multi-class). sweep_plot: the sweep plot and
+    key figures as an HTML page the Kubeflow UI shows."""
     from pathlib import Path
 
-    from components.threshold_sweep import log_classification_metrics, run, summary_markdown
+    from components.threshold_sweep import HTML_FILE, log_classification_metrics, run, summary_markdown
 
     result = run(
         Path(logits.path),
@@ -619,3 +649,4 @@ def threshold_sweep(
     for key in ("threshold", "objective_value", "ci_low", "ci_high"):
         metrics.log_metric(key, float(getattr(result, key)))
     Path(summary.path).write_text(summary_markdown(result))
+    Path(sweep_plot.path).write_text((Path(decision.path) / HTML_FILE).read_text())

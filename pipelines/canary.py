@@ -1,16 +1,27 @@
 """`visionpipe canary start|promote|rollback|status`: the kubectl steps of a KServe canary rollout.
 
 Each action is a pure function returning the kubectl argv; the CLI prints it (``--dry-run``) or runs it.
-The steps follow KServe's Serverless canary strategy (see docs/rollout.md):
+Two deployment modes, because KServe has two canary mechanisms (see docs/rollout.md):
 
+``--mode serverless`` (default; manifests/base, Knative): the predictor's ``canaryTrafficPercent``
 - start: point the predictor at the new bundle and give it ``canaryTrafficPercent`` of the traffic; KServe
   keeps the last fully rolled-out revision serving the rest.
 - promote: remove ``canaryTrafficPercent``; the new revision gets all the traffic.
 - rollback: ``canaryTrafficPercent: 0``; all traffic returns to the previous revision (optionally also
   point ``storageUri`` back at the previous bundle, so the spec matches what is served).
-- status: the InferenceService's bundle, canary percentage, readiness and traffic split.
 
-Merge patches are used throughout (a JSON ``null`` removes a field and does not fail when it is absent).
+``--mode standard`` (manifests/standard, no Knative): ``spec.canary`` (KServe >= v0.20.0; only the Knative
+reconciler reads ``canaryTrafficPercent``, so in Standard mode it would send all traffic to the new bundle)
+- start: one ``spec.canary`` entry, predictor ``canary`` serving the new bundle at ``percent`` %; the stable
+  predictor keeps its bundle. The canary runs as Deployment / Service ``<name>-canary-predictor``.
+- promote: the stable predictor's ``storageUri`` := the canary's bundle (``--bundle-uri``), ``spec.canary``
+  removed (the order KServe's own tests use, canary_controller_test.go).
+- rollback: ``spec.canary`` removed (optionally also restore the stable ``storageUri``).
+
+- status: the InferenceService's bundle, canary percentage / entries, readiness and traffic split.
+
+Merge patches are used throughout (RFC 7386: a JSON ``null`` removes a field and does not fail when it is
+absent; a list such as ``spec.canary`` is replaced whole).
 """
 
 from __future__ import annotations
@@ -25,13 +36,26 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 ACTIONS = ("start", "promote", "rollback", "status")
+MODES = ("serverless", "standard")
+DEFAULT_NAME = "digits"  # the InferenceService in manifests/ (a test keeps them equal)
+CANARY_PREDICTOR = "canary"  # spec.canary[].predictor.name -> Deployment / Service <name>-canary-predictor
+# A spec.canary entry's model needs `name` and `modelFormat` (the CRD requires both there); the name is the
+# runtime's container, kserve-container (kserve pkg/constants/constants.go InferenceServiceContainerName), and the
+# format is the one manifests/common/serving-runtime.yaml serves (a test keeps them equal).
+CANARY_CONTAINER = "kserve-container"
+MODEL_FORMAT: dict[str, object] = {"name": "visionpipe", "version": "1"}
 URI_SCHEMES = ("s3://", "gs://", "pvc://", "https://", "http://", "hdfs://", "oci://")
-NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a namespace: RFC 1123 label
+# an InferenceService name: KServe's webhook demands a leading letter (inference_service_validation.go IsvcNameFmt)
+ISVC_NAME_PATTERN = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 STATUS_COLUMNS = (
     "NAME:.metadata.name",
     'READY:.status.conditions[?(@.type=="Ready")].status',
     "BUNDLE:.spec.predictor.model.storageUri",
     "CANARY%:.spec.predictor.canaryTrafficPercent",
+    "CANARY_BUNDLE:.spec.canary[*].predictor.model.storageUri",
+    "CANARY_PERCENT:.spec.canary[*].trafficPercent",
+    "CANARY_READY:.status.canaryStatuses[*].ready",
     "TRAFFIC:.status.components.predictor.traffic[*].percent",
     "REVISIONS:.status.components.predictor.traffic[*].revisionName",
 )
@@ -49,13 +73,18 @@ class Target:
     namespace: str | None = None
     context: str | None = None
     kubectl: str = "kubectl"
+    mode: str = "serverless"  # the InferenceService's deployment mode: serverless (Knative) or standard
 
     def __post_init__(self) -> None:
-        for field_name in ("name", "namespace"):
+        if self.mode not in MODES:
+            raise CanaryError(f"mode={self.mode!r} must be one of {', '.join(MODES)}")
+        checks = (("name", ISVC_NAME_PATTERN, "InferenceService"), ("namespace", NAME_PATTERN, "namespace"))
+        for field_name, pattern, what in checks:
             value = getattr(self, field_name)
-            if value is not None and not NAME_PATTERN.match(value):
+            if value is not None and not pattern.match(value):
                 raise CanaryError(
-                    f"{field_name}={value!r} is not a valid Kubernetes name (lower-case letters, digits, '-')"
+                    f"{field_name}={value!r} is not a valid {what} name (lower-case letters, digits, '-'; an "
+                    "InferenceService name starts with a letter)"
                 )
 
     def kubectl_prefix(self) -> list[str]:
@@ -68,26 +97,61 @@ class Target:
 
 
 # --------------------------------------------------------------------------------------------- argv builders
-def start_argv(target: Target, bundle_uri: str, percent: int) -> list[str]:
-    """Serve `bundle_uri` as a canary taking `percent` % of the traffic."""
+def start_patch(mode: str, bundle_uri: str, percent: int) -> dict[str, object]:
+    """The merge patch that serves `bundle_uri` as a canary taking `percent` % of the traffic."""
     _check_uri(bundle_uri)
     _check_percent(percent, low=1, high=99)
-    patch = {"spec": {"predictor": {"canaryTrafficPercent": percent, "model": {"storageUri": bundle_uri}}}}
-    return _merge_patch(target, patch)
+    if mode == "standard":
+        model = {"name": CANARY_CONTAINER, "modelFormat": dict(MODEL_FORMAT), "storageUri": bundle_uri}
+        entry = {"trafficPercent": percent, "predictor": {"name": CANARY_PREDICTOR, "model": model}}
+        return {"spec": {"canary": [entry]}}
+    return {"spec": {"predictor": {"canaryTrafficPercent": percent, "model": {"storageUri": bundle_uri}}}}
 
 
-def promote_argv(target: Target) -> list[str]:
-    """Send all traffic to the latest revision (the canary's bundle)."""
-    return _merge_patch(target, {"spec": {"predictor": {"canaryTrafficPercent": None}}})
+def promote_patch(mode: str, bundle_uri: str | None = None) -> dict[str, object]:
+    """The merge patch that sends all traffic to the canary's bundle (standard mode: `bundle_uri` is it)."""
+    if mode == "standard":
+        if bundle_uri is None:
+            raise CanaryError(
+                "promote in standard mode needs --bundle-uri (the canary's bundle becomes the stable one)"
+            )
+        _check_uri(bundle_uri)
+        return {"spec": {"canary": None, "predictor": {"model": {"storageUri": bundle_uri}}}}
+    if bundle_uri is not None:
+        raise CanaryError("bundle uri: serverless promote takes none (the canary's bundle already is the predictor's)")
+    return {"spec": {"predictor": {"canaryTrafficPercent": None}}}
 
 
-def rollback_argv(target: Target, previous_uri: str | None = None) -> list[str]:
-    """Send all traffic back to the last fully rolled-out revision; optionally restore its bundle URI."""
+def rollback_patch(mode: str, previous_uri: str | None = None) -> dict[str, object]:
+    """The merge patch that sends all traffic back to the stable bundle; optionally restores its URI."""
+    spec: dict[str, object]
+    if mode == "standard":
+        spec = {"canary": None}
+        if previous_uri is not None:
+            _check_uri(previous_uri)
+            spec["predictor"] = {"model": {"storageUri": previous_uri}}
+        return {"spec": spec}
     predictor: dict[str, object] = {"canaryTrafficPercent": 0}
     if previous_uri is not None:
         _check_uri(previous_uri)
         predictor["model"] = {"storageUri": previous_uri}
-    return _merge_patch(target, {"spec": {"predictor": predictor}})
+    return {"spec": {"predictor": predictor}}
+
+
+def start_argv(target: Target, bundle_uri: str, percent: int) -> list[str]:
+    """Serve `bundle_uri` as a canary taking `percent` % of the traffic."""
+    return _merge_patch(target, start_patch(target.mode, bundle_uri, percent))
+
+
+def promote_argv(target: Target, bundle_uri: str | None = None) -> list[str]:
+    """Send all traffic to the canary's bundle (serverless: the latest revision)."""
+    return _merge_patch(target, promote_patch(target.mode, bundle_uri))
+
+
+def rollback_argv(target: Target, previous_uri: str | None = None) -> list[str]:
+    """Send all traffic back to the stable bundle (serverless: the last fully rolled-out revision); optionally
+    restore its bundle URI."""
+    return _merge_patch(target, rollback_patch(target.mode, previous_uri))
 
 
 def status_argv(target: Target) -> list[str]:
@@ -127,10 +191,12 @@ def _check_uri(uri: str) -> None:
 # --------------------------------------------------------------------------------------------- CLI
 def build_argv(args: argparse.Namespace) -> list[str]:
     """The kubectl argv for parsed `visionpipe canary ...` arguments."""
-    target = Target(name=args.name, namespace=args.namespace, context=args.context, kubectl=args.kubectl)
+    target = Target(
+        name=args.name, namespace=args.namespace, context=args.context, kubectl=args.kubectl, mode=args.mode
+    )
     builders: dict[str, Callable[[], list[str]]] = {
         "start": lambda: start_argv(target, args.bundle_uri, args.percent),
-        "promote": lambda: promote_argv(target),
+        "promote": lambda: promote_argv(target, args.bundle_uri),
         "rollback": lambda: rollback_argv(target, args.previous_uri),
         "status": lambda: status_argv(target),
     }
@@ -171,13 +237,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         if action == "start":
             parser.add_argument("--bundle-uri", required=True, help="the new bundle, e.g. s3://visionpipe/...")
             parser.add_argument("--percent", type=int, default=10, help="canary traffic percentage (1-99)")
+        if action == "promote":
+            parser.add_argument(
+                "--bundle-uri", default=None, help="standard mode: the canary's bundle, which becomes the stable one"
+            )
         if action == "rollback":
             parser.add_argument("--previous-uri", default=None, help="also point storageUri back at this bundle")
         parser.set_defaults(func=run_canary)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", default="digits", help="InferenceService name")
+    parser.add_argument("--name", default=DEFAULT_NAME, help="InferenceService name")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="serverless",
+        help="the InferenceService's deployment mode: serverless (Knative, canaryTrafficPercent) or standard "
+        "(spec.canary)",
+    )
     parser.add_argument("--namespace", "-n", default=None)
     parser.add_argument("--context", default=None, help="kubeconfig context")
     parser.add_argument("--kubectl", default="kubectl", help="kubectl executable")

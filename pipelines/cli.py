@@ -43,8 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     params = sub.add_parser("params", help="list the training pipeline's parameters and defaults")
     params.set_defaults(func=_cmd_params)
 
-    check = sub.add_parser("validate-bundle", help="verify a published bundle (local folder or s3://)")
+    check = sub.add_parser(
+        "validate-bundle",
+        help="verify a published bundle (local folder or s3://): signature, files, weights, one forward pass",
+        description="Verify a bundle as serving does: its Ed25519 signature (trusted keys from "
+        "VISIONPIPE_TRUSTED_KEYS and the local key), layout (no links, no unlisted files), checksums, fields, and "
+        "the weights (safetensors header, shapes, dtypes, finite values, a forward pass). Exit 0 when it verifies, "
+        "1 with 'reason: message' otherwise.",
+    )
     check.add_argument("uri", help="bundle folder or s3://bucket/name/version")
+    check.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="accept a bundle without a signature, or signed by an untrusted key (a bad signature is still refused)",
+    )
     check.set_defaults(func=_cmd_validate_bundle)
 
     serve = sub.add_parser("serve", help="serve a bundle with KServe's ModelServer (binds 127.0.0.1 by default)")
@@ -60,9 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_kfp(sub)
 
-    comp = sub.add_parser("compile", help="compile the pipelines to pipelines/compiled/*.yaml")
-    comp.add_argument("--check", action="store_true", help="exit 1 when the checked-in YAML is stale")
+    comp = sub.add_parser(
+        "compile",
+        help="compile the pipelines to pipelines/compiled/*.yaml",
+        description="Compile the pipelines to IR YAML for the Kubeflow UI. The checked-in files name a placeholder "
+        "image; for a cluster compile with --image REF (your pushed image, pinned by digest) into --out.",
+    )
+    comp.add_argument("--check", action="store_true", help="exit 1 when the YAML in --out is stale")
     comp.add_argument("--out", type=Path, default=None, help="output folder (default pipelines/compiled)")
+    comp.add_argument(
+        "--image",
+        default=None,
+        metavar="REF",
+        help="image every step runs, e.g. registry.example.com/visionpipe@sha256:<64 hex> (a bare tag is accepted "
+        "with a warning; default: the placeholder in components/_kfp.py)",
+    )
     comp.set_defaults(func=_cmd_compile)
     return parser
 
@@ -151,11 +175,18 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate_bundle(args: argparse.Namespace) -> int:
-    from serving.bundle import verify_report
+    from serving.bundle import verify
 
-    ok, report = verify_report(args.uri)
-    print(report)
-    return 0 if ok else 1
+    try:
+        outcome = verify(args.uri, allow_unsigned=args.allow_unsigned)
+    except Exception as exc:  # fail closed without a traceback: a verifier bug still refuses the bundle
+        print(f"REFUSED [internal_error] {type(exc).__name__}: {exc}")
+        print(f"visionpipe validate-bundle: internal_error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(outcome.report)
+    if not outcome.ok:
+        print(f"visionpipe validate-bundle: {outcome.reason}: {outcome.message}", file=sys.stderr)
+    return 0 if outcome.ok else 1
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -169,17 +200,35 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from pipelines.compile import COMPILED_DIR, compile_all, stale_pipelines
+    from components._kfp import BASE_IMAGE
+    from pipelines.compile import COMPILED_DIR, ImageRefError, compile_all, parse_image_ref, stale_pipelines
 
+    if args.image is not None:
+        try:
+            warning = parse_image_ref(args.image).warning()
+        except ImageRefError as exc:
+            print(f"visionpipe compile: --image: {exc}", file=sys.stderr)
+            return 2
+        if warning:
+            print(f"visionpipe compile: warning: {warning}", file=sys.stderr)
+    out_dir = args.out or COMPILED_DIR
     if args.check:
-        stale = stale_pipelines(args.out or COMPILED_DIR)
+        stale = stale_pipelines(out_dir, args.image)
+        again = "visionpipe compile" + (f" --image {args.image}" if args.image else "")
+        again += f" --out {args.out}" if args.out else ""
         for name, diff in stale.items():
-            print(f"{name}: compiled YAML is stale; run `visionpipe compile`\n{diff}", file=sys.stderr)
+            print(f"{name}: compiled YAML is stale; run `{again}`\n{diff}", file=sys.stderr)
         if not stale:
             print("compiled pipelines are current")
         return 1 if stale else 0
-    for path in compile_all(args.out or COMPILED_DIR):
+    for path in compile_all(out_dir, args.image):
         print(f"wrote {path}")
+    if args.image is None:
+        print(
+            f"note: every step names the placeholder image {BASE_IMAGE}; for a cluster, compile with "
+            "--image <registry>/visionpipe@sha256:<digest> --out <folder> and upload that",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -18,6 +18,13 @@ accepted as KFP accepts them.
 
 Authentication: an optional bearer token from ``--token``, or the environment (``KF_PIPELINES_TOKEN``, then
 ``KFP_TOKEN``). It is sent as ``Authorization: Bearer ...`` and never printed.
+
+Refused before anything is contacted: a ``destination`` (``-p destination=...``, or the package's default) that
+is not an ``s3://`` URI (on the cluster the export step would write into its pod's disk, deleted with the pod).
+
+Namespace (multi-user Kubeflow): ``--namespace``, else the namespace of the current kube context
+(``$KUBECONFIG`` or ``~/.kube/config``). A single-user KFP ignores it. When the endpoint's healthz says
+``multi_user: true`` and no namespace is known, the request is refused with how to set one.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from kfp import Client
 
+from components.storage import DESTINATION_ADVICE
+
 COMPILED_DIR = Path(__file__).parent / "compiled"
 PIPELINE_NAMES = ("training", "monthly-retrain")
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
@@ -48,6 +57,8 @@ HOST_ENV_VAR = "KF_PIPELINES_ENDPOINT"
 PACKAGE_SUFFIXES = (".yaml", ".yml", ".json", ".zip", ".tar.gz", ".tgz")
 MAX_CONCURRENCY_RANGE = (1, 10)  # what the KFP API server accepts
 DEFAULT_CRON = "0 0 3 1 * *"
+KUBECONFIG_ENV = "KUBECONFIG"
+DEFAULT_KUBECONFIG = "~/.kube/config"
 
 ParamValue = str | int | float | bool | list[object] | dict[str, object]
 
@@ -66,6 +77,10 @@ class KfpAuthError(KfpError):
 
 class KfpApiError(KfpError):
     """The KFP API answered with an error to a request."""
+
+
+class KfpNamespaceRequired(KfpError):
+    """The KFP API runs in multi-user mode and no namespace (profile) is known for the request."""
 
 
 class CronError(ValueError):
@@ -241,6 +256,74 @@ def parse_params(path: Path, pairs: Sequence[str]) -> dict[str, ParamValue]:
     return out
 
 
+def check_destination(path: Path, params: Mapping[str, ParamValue]) -> None:
+    """Refuse a run whose `destination` (given, or the package's default) is not an s3:// URI.
+
+    On a cluster the export step runs in a pod whose disk is deleted with it: a local destination publishes
+    nothing (and the step itself refuses it, see `components.storage.refuse_local_destination_in_pod`)."""
+    declared = package_parameters(path)
+    value: object
+    if "destination" in params:
+        value, where = params["destination"], "-p destination"
+    elif "destination" in declared:
+        value, where = declared["destination"].get("defaultValue", ""), f"the default of {path.name}"
+    else:
+        return
+    if not (isinstance(value, str) and value.startswith("s3://") and len(value) > len("s3://")):
+        raise RequestError(
+            f"destination={value!r} ({where}) is not an s3:// URI: on the cluster the export step would write the "
+            f"bundle into its pod's disk, which is deleted with the pod, so nothing would be published; "
+            f"{DESTINATION_ADVICE}"
+        )
+
+
+def kube_context_namespace(environ: Mapping[str, str] | None = None) -> tuple[str | None, str]:
+    """(namespace of the current kube context, where it came from); (None, reason) when there is none.
+
+    Reads ``$KUBECONFIG`` (a ``:``-separated list, merged) or ``~/.kube/config`` with the `kubernetes` package's
+    own loader. The file path is passed explicitly: the package reads ``$KUBECONFIG`` once, at import time
+    (kubernetes/config/kube_config.py, ``KUBE_CONFIG_DEFAULT_LOCATION``)."""
+    import yaml
+    from kubernetes.config import list_kube_config_contexts
+    from kubernetes.config.config_exception import ConfigException
+
+    env = os.environ if environ is None else environ
+    path = env.get(KUBECONFIG_ENV) or DEFAULT_KUBECONFIG
+    try:
+        _contexts, active = list_kube_config_contexts(config_file=path)
+    except (ConfigException, yaml.YAMLError, OSError, TypeError, KeyError) as exc:
+        return None, f"no usable kubeconfig at {path} ({type(exc).__name__})"
+    context = active.get("context") if isinstance(active, dict) else None
+    namespace = context.get("namespace") if isinstance(context, dict) else None
+    name = active.get("name") if isinstance(active, dict) else None
+    if not isinstance(namespace, str) or not namespace:
+        return None, f"kube context {name!r} in {path} has no namespace"
+    return namespace, f"kube context {name!r} in {path}"
+
+
+def resolve_namespace(explicit: str | None, environ: Mapping[str, str] | None = None) -> tuple[str | None, str]:
+    """(namespace, where it came from): ``--namespace``, else the current kube context's namespace."""
+    if explicit:
+        return explicit, "--namespace"
+    return kube_context_namespace(environ)
+
+
+def require_namespace(host: str, health: Mapping[str, object], namespace: str | None, source: str = "") -> None:
+    """Refuse when the endpoint reports multi-user mode and no namespace is known.
+
+    KFP reports the mode in the healthz answer's ``multi_user`` field (GET /apis/v2beta1/healthz,
+    backend/api/v2beta1/healthz.proto; `kfp.Client.__init__` reads it the same way, kfp/client/client.py:
+    ``self.get_kfp_healthz().multi_user is True``, and then only tries the in-cluster service-account file)."""
+    if health.get("multi_user") is True and not namespace:
+        known = f" ({source})" if source else ""
+        raise KfpNamespaceRequired(
+            f"{host} runs Kubeflow Pipelines in multi-user mode (healthz multi_user=true) and no namespace is "
+            f"known{known}: runs and experiments live in a profile namespace. Pass --namespace <your profile "
+            f"namespace> (e.g. kubeflow-user-example-com), or set it on your kube context: "
+            f"kubectl config set-context --current --namespace=<profile namespace>"
+        )
+
+
 def _coerce(name: str, raw: str, kind: str) -> ParamValue:
     try:
         if kind == "NUMBER_INTEGER":
@@ -273,6 +356,7 @@ class RunRequest:
     params: Mapping[str, ParamValue] = field(default_factory=dict)
     namespace: str | None = None
     service_account: str | None = None
+    namespace_source: str = ""
 
     def __post_init__(self) -> None:
         _check_name("experiment", self.experiment)
@@ -312,6 +396,7 @@ class RecurringRunRequest:
     description: str | None = None
     namespace: str | None = None
     service_account: str | None = None
+    namespace_source: str = ""
 
     def __post_init__(self) -> None:
         _check_name("experiment", self.experiment)
@@ -459,8 +544,8 @@ def submit(
     token: str | None = None,
     timeout: float = 5.0,
 ) -> str:
-    """Probe `host`, then start one run of the request's package; returns the run id."""
-    probe(host, token, timeout)
+    """Probe `host` (refusing multi-user mode without a namespace), then start one run; returns the run id."""
+    require_namespace(host, probe(host, token, timeout), request.namespace, request.namespace_source)
     client = make_client(host, token, request.namespace)
     with _api_errors(host):
         result = client.create_run_from_pipeline_package(**request.create_kwargs())
@@ -473,8 +558,9 @@ def schedule(
     token: str | None = None,
     timeout: float = 5.0,
 ) -> str:
-    """Probe `host`, create (or find) the experiment, then create the recurring run; returns its id."""
-    probe(host, token, timeout)
+    """Probe `host` (refusing multi-user mode without a namespace), create (or find) the experiment, then create
+    the recurring run; returns its id."""
+    require_namespace(host, probe(host, token, timeout), request.namespace, request.namespace_source)
     client = make_client(host, token, request.namespace)
     with _api_errors(host):
         experiment = client.create_experiment(name=request.experiment, namespace=request.namespace)
@@ -562,7 +648,12 @@ def _common_arguments(parser: argparse.ArgumentParser, default_pipeline: str) ->
         "-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="pipeline argument (repeatable)"
     )
     parser.add_argument("--experiment", default="visionpipe", help="experiment name (created if missing)")
-    parser.add_argument("--namespace", "-n", default=None, help="profile namespace (multi-user Kubeflow)")
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        default=None,
+        help="profile namespace (multi-user Kubeflow; default: the current kube context's namespace)",
+    )
     parser.add_argument("--service-account", default=None, help="Kubernetes service account for the run")
     parser.add_argument(
         "--token", default=None, help=f"bearer token (default ${TOKEN_ENV_VARS[0]} or ${TOKEN_ENV_VARS[1]})"
@@ -575,6 +666,8 @@ def build_request(args: argparse.Namespace) -> RunRequest | RecurringRunRequest:
     """The request for parsed `visionpipe submit|schedule` arguments (raises RequestError / CronError)."""
     package = check_package(args.package) if args.package else package_for(args.pipeline)
     params = parse_params(package, args.param)
+    check_destination(package, params)
+    namespace, namespace_source = resolve_namespace(args.namespace)
     if args.command == "submit":
         from datetime import UTC, datetime
 
@@ -584,8 +677,9 @@ def build_request(args: argparse.Namespace) -> RunRequest | RecurringRunRequest:
             run_name=run_name,
             package_path=package,
             params=params,
-            namespace=args.namespace,
+            namespace=namespace,
             service_account=args.service_account,
+            namespace_source=namespace_source,
         )
     return RecurringRunRequest(
         experiment=args.experiment,
@@ -597,8 +691,9 @@ def build_request(args: argparse.Namespace) -> RunRequest | RecurringRunRequest:
         no_catchup=not args.catchup,
         enabled=not args.disabled,
         description=args.description,
-        namespace=args.namespace,
+        namespace=namespace,
         service_account=args.service_account,
+        namespace_source=namespace_source,
     )
 
 
@@ -620,7 +715,12 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     token, token_source = resolve_token(args.token)
     if args.dry_run:
-        described = {"host": host, "token": token_source, **request.describe()}
+        described = {
+            "host": host,
+            "token": token_source,
+            "namespace_source": request.namespace_source,
+            **request.describe(),
+        }
         print(json.dumps(described, indent=2, sort_keys=True, default=str))
         return 0
     assert host is not None

@@ -53,6 +53,9 @@ def parse_parameters(pipeline: object, pairs: list[str]) -> dict[str, object]:
 
 def run_pipeline(pipeline: Callable[..., object], arguments: Mapping[str, object], runs_dir: Path) -> LocalRun:
     """Run `pipeline` with kfp.local; artifacts land under `runs_dir` (one folder per run)."""
+    from pipelines.reaper import guard_descendants
+
+    guard_descendants()  # task processes die with this one, even on SIGKILL (pipelines/reaper.py)
     runs_dir = runs_dir.resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs_dir), raise_on_error=True)

@@ -242,6 +242,119 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+# --- budgets (checked before anything is allocated) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelBudget:
+    """What an architecture spec may ask for before a model is built (serving/bundle.py enforces it).
+
+    max_parameters: parameters of the whole model (computed from the spec alone, see `parameter_count`).
+    max_state_bytes: bytes of the state dict (parameters + buffers) at the spec's dtypes.
+    max_activation_bytes: estimated peak activation bytes of one forward pass at batch size 1.
+    max_layers: transformer layers (bounds the module count, hence the Python objects built).
+    """
+
+    max_parameters: int = 500_000_000
+    max_state_bytes: int = 2 * 1024**3
+    max_activation_bytes: int = 2 * 1024**3
+    max_layers: int = 256
+
+
+class ModelBudgetError(ArchSpecError):
+    """An architecture exceeds a `ModelBudget`; `budget` is ``parameters`` or ``memory``."""
+
+    def __init__(self, message: str, budget: str) -> None:
+        super().__init__(message)
+        self.budget = budget
+
+
+# torchvision's resnet18 has 11,689,512 parameters; ours drops its 7x7 RGB stem (9,408) and its 1000-way fc
+# (513,000) and adds a 3x3 stem of 64 * 9 * in_channels weights.
+_RESNET18_BODY = 11_689_512 - 9_408 - 513_000
+
+
+def parameter_count(spec: ArchSpec) -> int:
+    """The exact parameter count of `build_model(spec)`, computed from the spec (nothing is built).
+
+    Python integers: a spec of width 10**6 gives a large number, not an allocation."""
+    c, k = spec.in_channels, spec.num_classes
+    if spec.name == "cnn-small":
+        w = spec.width
+        # convs (no bias) + batch norms: c->w, w->w, w->2w, 2w->2w; fc 32w->4w (no bias) + bn; head 4w->k
+        backbone = 9 * c * w + 9 * w * w + 18 * w * w + 36 * w * w + 128 * w * w + (2 + 2 + 4 + 4 + 8) * w
+        return backbone + 4 * w * k + k
+    if spec.name == "resnet18":
+        return _RESNET18_BODY + 64 * 9 * c + 512 * k + k
+    h, m, p, layers = spec.hidden_dim, spec.mlp_dim, spec.patch_size, spec.num_layers
+    tokens = (spec.image_size // p) ** 2 + 1
+    patch_embed = c * h * p * p + h
+    if spec.name == "vit":
+        # class token, positions, per layer: 2 layer norms, in_proj 3h^2+3h, out_proj h^2+h, mlp h->m->h
+        per_layer = 4 * h * h + 2 * h * m + 9 * h + m
+        return patch_embed + h + tokens * h + layers * per_layer + 2 * h + h * k + k
+    # dinov2: cls + mask tokens, positions, per layer: 2 norms, q/k/v/o, 2 layer scales, mlp h->m->h
+    per_layer = 4 * h * h + 2 * h * m + 11 * h + m
+    return patch_embed + 2 * h + tokens * h + layers * per_layer + 2 * h + 2 * h * k + k
+
+
+def activation_elements(spec: ArchSpec, input_size: int | None = None) -> int:
+    """An upper estimate of the elements alive at once in one forward pass at batch size 1.
+
+    CNNs: the input and two full-resolution feature maps (resnet18 keeps full resolution in its first stage: three
+    64-channel maps). Transformers: the attention matrix of every head (T^2 per head, as if materialised), the
+    MLP and four hidden-size buffers per token. The side is the larger of `input_size` (what serving feeds) and
+    the spec's image_size (what transformers' position embeddings are built for)."""
+    s = max(input_size or 0, spec.image_size)
+    image = spec.in_channels * s * s
+    if spec.name == "cnn-small":
+        return image + 2 * spec.width * s * s
+    if spec.name == "resnet18":
+        return image + 3 * 64 * s * s
+    tokens = (s // spec.patch_size) ** 2 + 1
+    return image + spec.num_heads * tokens * tokens + tokens * spec.mlp_dim + 4 * tokens * spec.hidden_dim
+
+
+def check_budget(spec: ArchSpec, budget: ModelBudget | None = None, input_size: int | None = None) -> int:
+    """Refuse (`ModelBudgetError`) a spec over `budget` before anything is allocated; returns its parameters."""
+    budget = budget or ModelBudget()
+    if spec.name in TRANSFORMERS and spec.num_layers > budget.max_layers:
+        raise ModelBudgetError(
+            f"arch.num_layers={spec.num_layers} exceeds the budget of {budget.max_layers} layers", "parameters"
+        )
+    params = parameter_count(spec)
+    if params > budget.max_parameters:
+        raise ModelBudgetError(
+            f"{spec.name} with this spec has {params:,} parameters; the budget is {budget.max_parameters:,}",
+            "parameters",
+        )
+    if 4 * params > budget.max_state_bytes:
+        raise ModelBudgetError(
+            f"{spec.name}: {params:,} float32 parameters need {4 * params:,} bytes; the budget is "
+            f"{budget.max_state_bytes:,}",
+            "memory",
+        )
+    activations = 4 * activation_elements(spec, input_size)
+    if activations > budget.max_activation_bytes:
+        raise ModelBudgetError(
+            f"{spec.name}: one forward pass at input side {max(input_size or 0, spec.image_size)} needs about "
+            f"{activations:,} bytes of activations; the budget is {budget.max_activation_bytes:,}",
+            "memory",
+        )
+    return params
+
+
+def build_model_meta(spec: ArchSpec) -> VisionClassifier:
+    """`build_model(spec)` on the ``meta`` device: every shape and dtype, no storage (check a budget first)."""
+    with torch.device("meta"):
+        return build_model(spec)
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state dict (parameters and persistent buffers) at their dtypes."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 # --- architectures ------------------------------------------------------------------------------------------
 
 

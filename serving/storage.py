@@ -4,17 +4,25 @@ S3 settings come from the environment, with the names KServe's storage initializ
 ``serving.kserve.io/s3-*`` annotations of a service account become these variables), so one Secret serves
 both the pipeline and the InferenceService:
 
-    S3_ENDPOINT            host:port, or a URL (http://minio-service.kubeflow:9000); default s3.amazonaws.com
+    S3_ENDPOINT            host:port, or a URL (http://minio-service.kubeflow:9000); required (AWS_ENDPOINT_URL,
+                           which KServe's webhook sets beside it, is accepted instead); for AWS: s3.amazonaws.com
     S3_USE_HTTPS           1 / 0; default 1, or taken from the URL's scheme
     S3_VERIFY_SSL          1 / 0; default 1
-    AWS_ACCESS_KEY_ID      access key (unset = anonymous)
-    AWS_SECRET_ACCESS_KEY  secret key
+    AWS_ACCESS_KEY_ID      access key (required)
+    AWS_SECRET_ACCESS_KEY  secret key (required)
     AWS_REGION / AWS_DEFAULT_REGION   default us-east-1
     VISIONPIPE_S3_ATTEMPTS  attempts for transient failures (default 4, exponential backoff)
 
-Transient failures (connection errors, timeouts, 5xx, SlowDown) are retried with backoff; a wrong endpoint,
-wrong credentials or a missing bucket end in one `StorageError` naming the URI and the cause. Credentials are
-never logged or put in messages. Lives in `serving/` because both the pipeline and the predictor use it.
+Fail closed: no S3 client is ever built without an endpoint and both keys, so a step whose Kubernetes Secret
+(`S3_SECRET`, mounted with ``optional=True``) is missing or incomplete stops at once with `S3CredentialsMissing`
+naming the Secret and the missing keys, instead of trying anonymous access. Component bodies call
+`require_s3_credentials(...)` first thing with every s3:// parameter.
+
+Transient failures (connection errors, timeouts, 5xx, SlowDown) are retried with backoff; a wrong endpoint
+(nothing listens, or something that is not S3 answers), wrong credentials (unknown access key, wrong secret, or
+valid keys without access) or a missing bucket end in one `StorageError` subclass naming the URI and the cause.
+Credentials are never logged or put in messages. Lives in `serving/` because both the pipeline and the
+predictor use it (and it imports nothing heavy: the pipeline definitions import its constants).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +44,18 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+S3_SECRET = "visionpipe-s3"
+"""The Kubernetes Secret holding the S3 settings (manifests/common); the pipeline mounts it as environment variables."""
+S3_SECRET_KEYS: dict[str, str] = {
+    "S3_ENDPOINT": "S3_ENDPOINT",
+    "S3_USE_HTTPS": "S3_USE_HTTPS",
+    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+}
+"""Environment variable -> key of `S3_SECRET` (``kfp.kubernetes.use_secret_as_env(secret_key_to_env=...)``)."""
+REQUIRED_S3_SETTINGS = ("S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+"""Without these no S3 client is built (no anonymous access, no guessed endpoint)."""
+
 _TRANSIENT_S3_CODES = frozenset({"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout"})
 _AUTH_S3_CODES = frozenset(
     {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
@@ -46,8 +66,20 @@ class StorageError(OSError):
     """A storage operation failed; the message names the URI and the cause."""
 
 
+class S3CredentialsMissing(StorageError):
+    """S3 settings are missing from the environment; nothing was attempted (never anonymous access)."""
+
+    def __init__(self, message: str, missing: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
 class S3ConnectionError(StorageError):
     """The S3 endpoint could not be reached."""
+
+
+class S3EndpointError(S3ConnectionError):
+    """Something answers at the S3 endpoint, but it is not an S3 API (a console, a UI, a proxy's page)."""
 
 
 class S3AuthError(StorageError):
@@ -76,8 +108,46 @@ class S3Settings:
         return f"{'https' if self.secure else 'http'}://{self.endpoint}"
 
 
+def missing_s3_settings(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The names in `REQUIRED_S3_SETTINGS` that are unset or empty (AWS_ENDPOINT_URL stands in for S3_ENDPOINT)."""
+    env = os.environ if environ is None else environ
+
+    def present(name: str) -> bool:
+        return bool(env.get(name, "").strip())
+
+    missing = [name for name in REQUIRED_S3_SETTINGS if not present(name)]
+    if "S3_ENDPOINT" in missing and present("AWS_ENDPOINT_URL"):
+        missing.remove("S3_ENDPOINT")
+    return tuple(missing)
+
+
+def require_s3_credentials(*uris: str) -> None:
+    """Fail at once, naming the Secret and the missing keys, when any of `uris` is s3:// and S3 settings are missing.
+
+    Non-s3 URIs (local paths, ``builtin://``, empty strings) need nothing. Called first thing by every KFP component
+    body with its s3:// parameters, so a step without its Secret fails before doing any work."""
+    s3_uris = [u for u in uris if isinstance(u, str) and is_s3(u)]
+    if not s3_uris:
+        return
+    missing = missing_s3_settings()
+    if missing:
+        raise credentials_missing(", ".join(s3_uris), missing)
+
+
+def credentials_missing(what: str, missing: tuple[str, ...]) -> S3CredentialsMissing:
+    keys = ", ".join(S3_SECRET_KEYS.values())
+    return S3CredentialsMissing(
+        f"{what}: S3 settings missing from the environment: {', '.join(missing)} (anonymous access is never "
+        f"tried). On Kubeflow they come from the Kubernetes Secret '{S3_SECRET}' (keys {keys}) in the run's "
+        f"namespace: create it (kubectl create secret generic {S3_SECRET} -n <namespace> "
+        f"--from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=... "
+        f"--from-literal=S3_ENDPOINT=<host:port>) or add the missing keys; locally, export the same variables.",
+        missing,
+    )
+
+
 def s3_settings_from_env() -> S3Settings:
-    raw = os.environ.get("S3_ENDPOINT", "s3.amazonaws.com").strip()
+    raw = os.environ.get("S3_ENDPOINT", "").strip() or os.environ.get("AWS_ENDPOINT_URL", "").strip()
     secure = _flag("S3_USE_HTTPS", True)
     if "://" in raw:
         parsed = urlparse(raw)
@@ -216,8 +286,17 @@ def download_prefix(uri: str, local_dir: Path) -> Path:
     objects = list_uris(root)
     if not objects:
         raise ObjectNotFound(f"{uri}: no objects under this prefix")
+    base = local_dir.resolve()
     for obj in objects:
-        download_file(obj, local_dir / obj[len(root) + 1 :])
+        rel = obj[len(root) + 1 :]
+        target = (base / rel).resolve()
+        parts = rel.split("/")
+        # An object key is any string: one with `..`, an empty segment or a leading `/` could write outside
+        # local_dir. Refuse it instead of following it.
+        if not rel or "" in parts or ".." in parts or "." in parts or not target.is_relative_to(base):
+            raise StorageError(f"{obj}: object key escapes the download folder; refusing to download {uri}")
+    for obj in objects:
+        download_file(obj, base / obj[len(root) + 1 :])
     return local_dir
 
 
@@ -251,6 +330,9 @@ def _flag(name: str, default: bool) -> bool:
 
 
 def _client() -> Minio:
+    missing = missing_s3_settings()
+    if missing:  # never an anonymous client, never a guessed endpoint
+        raise credentials_missing("S3 client", missing)
     return _cached_client(s3_settings_from_env())
 
 
@@ -264,10 +346,12 @@ def _cached_client(settings: S3Settings) -> Minio:
         retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0),
         cert_reqs="CERT_REQUIRED" if settings.verify else "CERT_NONE",
     )
+    if not (settings.endpoint and settings.access_key and settings.secret_key):
+        raise credentials_missing("S3 client", missing_s3_settings() or REQUIRED_S3_SETTINGS)
     return Minio(
         settings.endpoint,
-        access_key=settings.access_key or None,
-        secret_key=settings.secret_key or None,
+        access_key=settings.access_key,
+        secret_key=settings.secret_key,
         secure=settings.secure,
         region=settings.region,
         http_client=http,
@@ -277,8 +361,9 @@ def _cached_client(settings: S3Settings) -> Minio:
 def _s3_call(uri: str, op: Callable[[], T]) -> T:
     """Run `op`, retrying transient failures with exponential backoff; map failures to named errors."""
     import urllib3.exceptions
-    from minio.error import S3Error, ServerError
+    from minio.error import InvalidResponseError, S3Error, ServerError
 
+    require_s3_credentials(uri)  # before any connection: never anonymous, never a guessed endpoint
     attempts = max(1, int(os.environ.get("VISIONPIPE_S3_ATTEMPTS", "4")))
     settings = s3_settings_from_env()
     for attempt in range(1, attempts + 1):
@@ -288,7 +373,25 @@ def _s3_call(uri: str, op: Callable[[], T]) -> T:
             if exc.code not in _TRANSIENT_S3_CODES or attempt == attempts:
                 raise _named_s3_error(uri, exc.code or "", exc.message or "", settings) from exc
             cause = exc.code
+        except InvalidResponseError as exc:
+            # minio raises this when the answer is not S3's XML (minio/api.py `_url_open`): not an S3 API, or a
+            # proxy's error page (5xx: retried, a restarting server behind an ingress). The body is left out of the
+            # message (a login page could echo anything).
+            status, content_type = getattr(exc, "_code", 0), getattr(exc, "_content_type", None) or "no type"
+            if not (isinstance(status, int) and status >= 500) or attempt == attempts:
+                raise S3EndpointError(
+                    f"{uri}: the S3 endpoint {settings.describe()} answered HTTP {status} ({content_type}) after "
+                    f"{attempt} attempt(s), which is not an S3 API answer: S3_ENDPOINT points at another service "
+                    f"(a web console or UI port, a proxy?). Use the S3 API port (MinIO: 9000) and check "
+                    f"S3_USE_HTTPS."
+                ) from None
+            cause = f"HTTP {status} ({content_type})"
         except ServerError as exc:
+            if exc.status_code < 500:
+                raise S3EndpointError(
+                    f"{uri}: the S3 endpoint {settings.describe()} answered HTTP {exc.status_code} without an S3 "
+                    f"error: is S3_ENDPOINT the S3 API (MinIO: port 9000)?"
+                ) from exc
             if attempt == attempts:
                 raise StorageError(
                     f"{uri}: S3 server {settings.describe()} failed with HTTP {exc.status_code} "
@@ -297,6 +400,10 @@ def _s3_call(uri: str, op: Callable[[], T]) -> T:
             cause = f"HTTP {exc.status_code}"
         except StorageError:
             raise
+        except ValueError as exc:  # minio's argument checks, e.g. "invalid bucket name b" (minio/helpers.py)
+            raise StorageError(
+                f"{uri}: {exc} (an S3 bucket name has 3-63 lower-case letters, digits, '.' or '-')"
+            ) from None
         except (OSError, urllib3.exceptions.HTTPError) as exc:
             if not _is_connection_problem(exc) or attempt == attempts:
                 raise S3ConnectionError(
@@ -310,6 +417,20 @@ def _s3_call(uri: str, op: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
+_AUTH_HINTS = {
+    "InvalidAccessKeyId": (
+        "the server does not know this access key: AWS_ACCESS_KEY_ID is wrong, or belongs to another S3 server"
+    ),
+    "SignatureDoesNotMatch": "the secret key does not match the access key: check AWS_SECRET_ACCESS_KEY",
+    "AccessDenied": (
+        "access denied: the keys are wrong (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), or valid but not allowed "
+        "to do this on this bucket (check the S3 user's policy)"
+    ),
+    "InvalidToken": "the session token is invalid",
+    "ExpiredToken": "the session token has expired",
+}
+
+
 def _named_s3_error(uri: str, code: str, message: str, settings: S3Settings) -> StorageError:
     where = f"{uri} on {settings.describe()}"
     if code == "NoSuchBucket":
@@ -317,12 +438,10 @@ def _named_s3_error(uri: str, code: str, message: str, settings: S3Settings) -> 
     if code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
         return ObjectNotFound(f"{where}: no such object")
     if code in _AUTH_S3_CODES:
-        hint = (
-            "no credentials are set (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
-            if not settings.access_key
-            else "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the Kubernetes secret they come from)"
+        return S3AuthError(
+            f"{where}: the server refused the credentials ({code}); {_AUTH_HINTS.get(code, 'check the keys')} "
+            f"(they come from the Kubernetes Secret '{S3_SECRET}' on a cluster)."
         )
-        return S3AuthError(f"{where}: the server refused the credentials ({code}); {hint}.")
     return StorageError(f"{where}: {code}: {message}")
 
 

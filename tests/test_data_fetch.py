@@ -192,3 +192,64 @@ def test_fetch_from_s3_image_folder(s3_bucket: str, mnist_train_dir: Path, tmp_p
     assert s3ds.image_shape == (28, 28, 1)
     assert s3ds.split_fingerprints == localds.split_fingerprints
     assert np.array_equal(np.asarray(s3ds.images), np.asarray(localds.images))
+
+
+# ----------------------------------------------------------------------------------- hostile or messy data
+def _blank_png(width: int, height: int) -> bytes:
+    """A 1-bit blank PNG: huge in pixels, a few hundred kB on disk (a decompression bomb when large)."""
+    buf = io.BytesIO()
+    Image.new("1", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "reason"),
+    [
+        (20000, 20000, "decompression bomb"),  # 400 MP: PIL's own guard (> 2 x MAX_IMAGE_PIXELS) refuses it
+        (8000, 6000, "8000x6000 pixels > 40000000"),  # 48 MP: under PIL's guard, over ours (from the header)
+    ],
+)
+def test_huge_image_is_a_bad_file_not_a_crash(tmp_path: Path, width: int, height: int, reason: str) -> None:
+    root = _folder(tmp_path / "src", {"a": 90, "b": 90})
+    (root / "a" / "huge.png").write_bytes(_blank_png(width, height))
+    result = run(str(root), tmp_path / "out", seed=0)
+    assert result.num_images == 180
+    [bad] = result.bad_files
+    assert bad["file"] == "a/huge.png"
+    assert "image too large" in bad["reason"] and reason in bad["reason"]
+    assert "a/huge.png" in result.summary_markdown
+
+
+def test_identical_images_with_conflicting_labels_are_reported(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "src", {"a": 40, "b": 40})
+    shutil.copyfile(root / "a" / "000.png", root / "b" / "copy-of-a0.png")
+    result = run(str(root), tmp_path / "out", seed=0, min_per_class_per_split=1)
+    [conflict] = result.label_conflicts
+    assert sorted(zip(conflict["ids"], conflict["labels"], strict=True)) == [
+        ("a/000.png", "a"),
+        ("b/copy-of-a0.png", "b"),
+    ]
+    assert "conflicting labels: 1 groups, 2 images" in result.summary_markdown
+    assert "`b/copy-of-a0.png` (b)" in result.summary_markdown
+
+
+def test_too_many_conflicting_labels_fail_the_step(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "src", {"a": 40, "b": 40})
+    for i in range(3):  # 6 of 83 images (7 %) are conflicting copies: above the 5 % default
+        shutil.copyfile(root / "a" / f"{i:03d}.png", root / "b" / f"copy-{i}.png")
+    with pytest.raises(DataFetchError, match=r"6 of 83 images .* conflicting labels .* max_bad_fraction=5\.0%"):
+        run(str(root), tmp_path / "out", seed=0)
+    assert not (tmp_path / "out" / "dataset.json").exists()
+    result = run(str(root), tmp_path / "out2", seed=0, max_bad_fraction=0.1)
+    assert len(result.label_conflicts) == 3
+
+
+def test_empty_class_folder_is_named_in_the_summary(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "src", {"a": 40, "b": 40})
+    (root / "c").mkdir()
+    (root / "d").mkdir()
+    (root / "d" / "notes.txt").write_text("not an image")
+    result = run(str(root), tmp_path / "out", seed=0, max_bad_fraction=0.1)
+    assert result.classes == ["a", "b"]
+    assert "Class folder `c/` holds no readable image" in result.summary_markdown
+    assert "Class folder `d/` holds no readable image" in result.summary_markdown

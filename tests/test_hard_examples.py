@@ -311,6 +311,8 @@ def test_unreachable_store_fills_the_queue_and_drops(monkeypatch: pytest.MonkeyP
         port = s.getsockname()[1]
     monkeypatch.setenv("S3_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("VISIONPIPE_S3_ATTEMPTS", "2")  # each upload retries once after ~0.25 s
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")  # with credentials the store is tried (and unreachable);
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")  # without them each upload would fail at once
     logger = HardExampleLogger(HardExampleConfig("s3://nowhere/hard", queue_size=2))
     results = [logger.log(digit(i), record({"1": 0.5, "2": 0.5}, abstain=False), WHEN) for i in range(6)]
     assert logger.flush(timeout=30)

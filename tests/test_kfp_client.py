@@ -60,6 +60,12 @@ def _compile_tiny_pipeline(path: Path) -> Path:
 PACKAGE = "<package>"  # stands for the compiled tiny package in parametrized argv
 
 
+@pytest.fixture(autouse=True)
+def no_kube_context(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts without a kube context (the developer's ~/.kube/config must not leak in)."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+
+
 @pytest.fixture(scope="module")
 def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _compile_tiny_pipeline(tmp_path_factory.mktemp("kfp") / "tiny.yaml")
@@ -262,7 +268,8 @@ def test_schedule_dry_run_prints_the_request_without_the_token(
 
 
 def test_named_pipeline_resolves_to_its_compiled_yaml(capsys: pytest.CaptureFixture[str]) -> None:
-    assert kc.main(["submit", "--dry-run", "--pipeline", "training", "--run-name", "r"]) == 0
+    argv = ["submit", "--dry-run", "--pipeline", "training", "--run-name", "r", "-p", "destination=s3://m/bundles"]
+    assert kc.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["pipeline_file"] == str(kc.COMPILED_DIR / "training.yaml")
     assert (
@@ -360,7 +367,7 @@ def _json(status: int, payload: object) -> tuple[int, str, bytes]:
     return status, "application/json", json.dumps(payload).encode()
 
 
-def kfp_api(fail: dict[str, tuple[int, str]] | None = None) -> Responder:
+def kfp_api(fail: dict[str, tuple[int, str]] | None = None, multi_user: bool = False) -> Responder:
     """A stand-in for the KFP v2beta1 REST API: healthz, experiments, runs, recurring runs."""
     failures = fail or {}
 
@@ -370,7 +377,7 @@ def kfp_api(fail: dict[str, tuple[int, str]] | None = None) -> Responder:
             status, message = failures[f"{method} {route}"]
             return _json(status, {"error": message, "code": 3, "message": message})
         if route == "/apis/v2beta1/healthz":
-            return _json(200, {"multi_user": False, "commit_sha": "test"})
+            return _json(200, {"multi_user": multi_user, "commit_sha": "test"})
         if method == "GET" and route == "/apis/v2beta1/experiments":
             return _json(200, {})  # none yet: the client creates it
         if method == "POST" and route == "/apis/v2beta1/experiments":
@@ -504,3 +511,124 @@ def test_reachable_but_not_kfp(
     for fragment in fragments:
         assert fragment in message, (fragment, message)
     assert recorded[0].path == kc.HEALTHZ_PATH and recorded[0].authorization == f"Bearer {SECRET}"
+
+
+# --------------------------------------------------------------------------------------------- destination
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (["submit", "--pipeline", "training"], "destination='bundles' (the default of training.yaml)"),
+        (["schedule", "--pipeline", "monthly-retrain"], "(the default of monthly-retrain.yaml)"),
+        (["submit", "--pipeline", "training", "-p", "destination=/tmp/out"], "destination='/tmp/out' (-p destination)"),
+        (["submit", "--pipeline", "training", "-p", "destination=s3://"], "destination='s3://'"),
+        (["submit", "--pipeline", "training", "--dry-run"], "destination='bundles'"),
+    ],
+)
+def test_local_destination_is_refused_before_contacting_the_server(
+    http_server: Callable[[Responder], tuple[str, list[Recorded]]],
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    shown: str,
+) -> None:
+    host, recorded = http_server(kfp_api())
+    assert kc.main([*argv, "--host", host]) == 2
+    err = capsys.readouterr().err
+    assert shown in err and "is not an s3:// URI" in err
+    assert "pass -p destination=s3://<bucket>/bundles" in err
+    assert recorded == []  # refused before any request, the healthz probe included
+
+
+def test_s3_destination_is_accepted(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["schedule", "--dry-run", "--pipeline", "monthly-retrain", "-p", "destination=s3://models/bundles"]
+    assert kc.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["params"]["destination"] == "s3://models/bundles"
+
+
+def test_package_without_destination_parameter_is_not_checked(package: Path) -> None:
+    kc.check_destination(package, {"seed": 1})  # the tiny package publishes nothing: no destination to check
+
+
+# --------------------------------------------------------------------------------------------- namespace
+def _kubeconfig(path: Path, namespace: str | None) -> Path:
+    context = {"cluster": "c", "user": "u", **({"namespace": namespace} if namespace else {})}
+    path.write_text(
+        json.dumps(  # JSON is YAML
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "team",
+                "contexts": [{"name": "team", "context": context}, {"name": "other", "context": {"cluster": "c"}}],
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:6443"}}],
+                "users": [{"name": "u", "user": {"token": SECRET}}],
+            }
+        )
+    )
+    return path
+
+
+def test_namespace_comes_from_the_kube_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], package: Path
+) -> None:
+    config = _kubeconfig(tmp_path / "config", "kubeflow-user-example-com")
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path / 'absent'}:{config}")  # a list, as kubectl takes it
+    assert kc.main(["submit", "--dry-run", "--package", str(package)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["namespace"] == "kubeflow-user-example-com"
+    assert "kube context 'team'" in printed["namespace_source"] and SECRET not in json.dumps(printed)
+    assert kc.main(["submit", "--dry-run", "--package", str(package), "-n", "team-b"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["namespace"] == "team-b" and printed["namespace_source"] == "--namespace"
+
+
+@pytest.mark.parametrize("content", [None, "no namespace", "not: [yaml"])
+def test_no_kube_namespace(tmp_path: Path, content: str | None) -> None:
+    path = tmp_path / "config"
+    if content == "no namespace":
+        _kubeconfig(path, None)
+    elif content is not None:
+        path.write_text(content)
+    namespace, source = kc.kube_context_namespace({"KUBECONFIG": str(path)})
+    assert namespace is None and str(path) in source
+
+
+def test_multi_user_without_namespace_is_refused(
+    http_server: Callable[[Responder], tuple[str, list[Recorded]]],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    package: Path,
+) -> None:
+    host, recorded = http_server(kfp_api(multi_user=True))
+    monkeypatch.setenv("KUBECONFIG", str(_kubeconfig(tmp_path / "config", None)))
+    for command in (["submit"], ["schedule", "--cron", "0 0 3 1 * *"]):
+        assert kc.main([*command, "--host", host, "--package", str(package)]) == 1
+        err = capsys.readouterr().err
+        assert "multi-user mode" in err and "no namespace" in err and "has no namespace" in err
+        assert "--namespace" in err and "kubectl config set-context --current --namespace=" in err
+    assert [r.path for r in recorded] == [kc.HEALTHZ_PATH, kc.HEALTHZ_PATH]  # nothing created
+
+
+def test_multi_user_run_goes_to_the_kube_context_namespace(
+    http_server: Callable[[Responder], tuple[str, list[Recorded]]],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    package: Path,
+) -> None:
+    host, recorded = http_server(kfp_api(multi_user=True))
+    monkeypatch.setenv("KUBECONFIG", str(_kubeconfig(tmp_path / "config", "kubeflow-user-example-com")))
+    assert kc.main(["submit", "--host", host, "--package", str(package), "--run-name", "r"]) == 0, capsys.readouterr()
+    created = [r for r in recorded if r.method == "POST" and r.path == "/apis/v2beta1/experiments"]
+    assert created and created[0].body["namespace"] == "kubeflow-user-example-com"
+    listed = [r for r in recorded if r.method == "GET" and r.path.startswith("/apis/v2beta1/experiments")]
+    assert listed and "namespace=kubeflow-user-example-com" in listed[0].path
+    assert any(r.path == "/apis/v2beta1/runs" for r in recorded)
+
+
+def test_single_user_needs_no_namespace(
+    http_server: Callable[[Responder], tuple[str, list[Recorded]]], package: Path
+) -> None:
+    host, _ = http_server(kfp_api(multi_user=False))
+    request = RunRequest("visionpipe", "r", package)
+    assert request.namespace is None
+    assert kc.submit(host, request) == "run-42"

@@ -1,205 +1,192 @@
-"""manifests/: every kustomize overlay renders, and every object survives a round trip through the typed
-models of the kserve SDK (and the kubernetes client for core kinds) with no field dropped, so a misplaced or
-misspelt field (say `logger` under `spec` instead of `spec.predictor`) fails here rather than being silently
-pruned by the API server."""
+"""manifests/: every kustomization (found by a glob) renders with `kubectl kustomize`, and every object passes what
+a real cluster checks: the upstream CRD schemas in ../shared/platform (a field the server would prune is an
+error), KServe's admission webhooks and the controller's refusals (tests/k8s_schema.py, tests/kserve_rules.py).
+An overlay applied over the kustomization it builds upon is checked as an UPDATE of the objects the two share,
+so a change KServe refuses on an existing object (the deployment mode) fails here. Plus the project's
+conventions: one InferenceService name, storageUris in the export layout, one settable image."""
 
 from __future__ import annotations
 
-import importlib
+import argparse
+import datetime as dt
+import inspect
 import re
 import shutil
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
-import kserve
 import pytest
 import yaml
+from k8s_schema import (
+    PLATFORM,
+    identity,
+    kustomization_kind,
+    kustomizations,
+    parent_kustomizations,
+    render,
+)
+from kserve_rules import DEPLOYMENT_MODE, admit
+
+from pipelines import canary
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
-KUSTOMIZATIONS = ["base", "overlays/canary", "overlays/raw-canary", "overlays/shadow"]
 KUBECTL = shutil.which("kubectl")
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
+pytestmark = [
+    pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed"),
+    pytest.mark.skipif(not PLATFORM.is_dir(), reason=f"platform CRDs not found at {PLATFORM}"),
+]
 
-MODEL_FOR_KIND = {
-    "InferenceService": "V1beta1InferenceService",
-    "ClusterServingRuntime": "V1alpha1ClusterServingRuntime",
-    "ServingRuntime": "V1alpha1ServingRuntime",
-    "ServiceAccount": "V1ServiceAccount",
-    "Secret": "V1Secret",
-    "Deployment": "V1Deployment",
-    "Service": "V1Service",
-}
-KUBERNETES_MODELS = importlib.import_module("kubernetes.client")  # ships no type stubs
-NATIVE = {"str": str, "int": int, "float": float, "bool": bool}
-
-
-# --------------------------------------------------------------------------------------------- round trip
-def model_class(name: str) -> type:
-    for module in (kserve.models, KUBERNETES_MODELS):
-        if hasattr(module, name):
-            return getattr(module, name)  # type: ignore[no-any-return]
-    raise KeyError(f"no SDK model named {name}")
-
-
-def build(data: object, type_name: str) -> object:
-    """Typed SDK object from plain data, the way a generated OpenAPI client does it: unknown keys are lost."""
-    if data is None:
-        return None
-    if type_name.startswith("list["):
-        inner = type_name[5:-1]
-        assert isinstance(data, list), (type_name, data)
-        return [build(item, inner) for item in data]
-    if type_name.startswith("dict("):
-        inner = re.match(r"dict\(([^,]*), (.*)\)", type_name).group(2)  # type: ignore[union-attr]
-        assert isinstance(data, dict), (type_name, data)
-        return {key: build(value, inner) for key, value in data.items()}
-    if type_name in NATIVE:
-        return NATIVE[type_name](data)
-    if type_name in ("object", "datetime", "date"):
-        return data
-    klass = model_class(type_name)
-    assert isinstance(data, dict), (type_name, data)
-    kwargs = {
-        attr: build(data[key], klass.openapi_types[attr])  # type: ignore[attr-defined]
-        for attr, key in klass.attribute_map.items()  # type: ignore[attr-defined]
-        if key in data
-    }
-    return klass(**kwargs)
-
-
-def roundtrip(document: dict[str, object]) -> object:
-    typed = build(document, MODEL_FOR_KIND[str(document["kind"])])
-    return kserve.ApiClient().sanitize_for_serialization(typed)
-
-
-def lost_fields(original: object, again: object, path: str = "") -> list[str]:
-    """Paths present in `original` that are missing or changed in `again`."""
-    if isinstance(original, dict):
-        if not isinstance(again, dict):
-            return [path or "."]
-        lost: list[str] = []
-        for key, value in original.items():
-            here = f"{path}.{key}" if path else str(key)
-            lost += lost_fields(value, again[key], here) if key in again else [here]
-        return lost
-    if isinstance(original, list):
-        if not isinstance(again, list) or len(again) != len(original):
-            return [path]
-        return [
-            p for i, (a, b) in enumerate(zip(original, again, strict=True)) for p in lost_fields(a, b, f"{path}[{i}]")
-        ]
-    return [] if original == again else [path]
-
-
-def render(kustomization: str) -> list[dict[str, object]]:
-    assert KUBECTL is not None
-    out = subprocess.run(
-        [KUBECTL, "kustomize", str(MANIFESTS / kustomization)], check=True, capture_output=True, text=True, timeout=60
-    ).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
+Json = dict[str, object]
+ALL = [str(p.relative_to(MANIFESTS)) for p in kustomizations(MANIFESTS)]
+PAIRS = [
+    (str(k.relative_to(MANIFESTS)), str(p.relative_to(MANIFESTS)))
+    for k in kustomizations(MANIFESTS)
+    for p in parent_kustomizations(k)
+]
 
 
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict[str, object]]]:
-    if KUBECTL is None:
-        pytest.skip("kubectl not installed")
-    return {name: render(name) for name in KUSTOMIZATIONS}
+def rendered() -> dict[str, list[Json]]:
+    assert KUBECTL is not None
+    return {name: render(MANIFESTS / name, KUBECTL) for name in ALL}
 
 
-def of_kind(docs: list[dict[str, object]], kind: str, name: str | None = None) -> list[dict[str, object]]:
-    return [
-        d
-        for d in docs
-        if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)  # type: ignore[index]
-    ]
+def of_kind(docs: list[Json], kind: str, name: str | None = None) -> list[Json]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]  # type: ignore[index]
 
 
-# --------------------------------------------------------------------------------------------- tests
-@needs_kubectl
-@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
-def test_every_object_roundtrips_without_losing_fields(
-    rendered: dict[str, list[dict[str, object]]], kustomization: str
-) -> None:
-    docs = rendered[kustomization]
-    assert of_kind(docs, "InferenceService"), "each kustomization renders an InferenceService"
+def problems(docs: list[Json], existing: list[Json] | None = None) -> list[str]:
+    """Every refusal for applying `docs` together: as creates, or as updates of `existing` objects with the same
+    kind and name."""
+    old = {identity(o): o for o in existing or []}
+    found: list[str] = []
     for doc in docs:
-        assert doc["kind"] in MODEL_FOR_KIND, f"no round-trip model for kind {doc['kind']}"
-        assert lost_fields(doc, roundtrip(doc)) == [], f"{doc['kind']} {doc['metadata']}"
+        admission = admit(doc, old.get(identity(doc)), objects=docs)
+        found += [f"{doc['kind']}/{doc['metadata']['name']}: {issue}" for issue in admission.result.errors]  # type: ignore[index]
+        found += [f"{doc['kind']}/{doc['metadata']['name']}: {issue}" for issue in admission.result.unevaluated]  # type: ignore[index]
+    return found
 
 
-@pytest.mark.parametrize(
-    ("misplace", "expected"),
-    [
-        ("spec.logger", "spec.logger"),  # logger belongs to spec.predictor
-        ("spec.predictor.model.logger", "spec.predictor.model.logger"),
-        ("spec.predictor.canaryTrafficPercentage", "spec.predictor.canaryTrafficPercentage"),  # typo
-        ("spec.predictor.model.storageURI", "spec.predictor.model.storageURI"),  # wrong case
-    ],
-)
-def test_roundtrip_catches_misplaced_fields(misplace: str, expected: str) -> None:
-    isvc = yaml.safe_load((MANIFESTS / "base" / "inference-service.yaml").read_text())
-    assert lost_fields(isvc, roundtrip(isvc)) == []
-    node = isvc
-    *parents, leaf = misplace.split(".")
-    for key in parents:
-        node = node[key]
-    node[leaf] = {"mode": "all", "url": "http://visionpipe-shadow/"} if leaf == "logger" else 10
-    assert lost_fields(isvc, roundtrip(isvc)) == [expected]
+def walk(value: object) -> Iterator[tuple[str, object]]:
+    """(key, value) of every mapping entry anywhere in `value`."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key), item
+            yield from walk(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from walk(item)
 
 
-@needs_kubectl
-def test_base_is_serverless_on_s3_with_the_project_runtime(rendered: dict[str, list[dict[str, object]]]) -> None:
+# --------------------------------------------------------------------------------------------- the platform
+def test_the_glob_finds_every_kustomization() -> None:
+    assert {"base", "standard", "common", "overlays/canary", "overlays/raw-canary", "overlays/shadow"} <= set(ALL)
+    assert kustomization_kind(MANIFESTS / "common") == "Component"
+    assert ("overlays/raw-canary", "standard") in PAIRS and ("overlays/canary", "base") in PAIRS
+
+
+@pytest.mark.parametrize("kustomization", ALL)
+def test_every_rendered_object_passes_the_platform(rendered: dict[str, list[Json]], kustomization: str) -> None:
+    """CRD schema + webhooks + controller checks, as a create; CEL rules this helper cannot evaluate would be
+    listed too (none of our objects hits one)."""
+    docs = rendered[kustomization]
+    assert docs, f"{kustomization} renders nothing"
+    assert problems(docs) == []
+
+
+@pytest.mark.parametrize(("kustomization", "parent"), PAIRS, ids=[f"{k}-over-{p}" for k, p in PAIRS])
+def test_every_overlay_applies_as_an_update_of_what_it_builds_on(
+    rendered: dict[str, list[Json]], kustomization: str, parent: str
+) -> None:
+    docs, before = rendered[kustomization], rendered[parent]
+    shared = {identity(d) for d in docs} & {identity(d) for d in before}
+    assert any(kind == "InferenceService" for _, kind, _ in shared), "the overlay changes an existing InferenceService"
+    assert problems(docs, before) == []
+
+
+@pytest.mark.parametrize(("new", "old"), [("standard", "base"), ("base", "standard")])
+def test_switching_between_the_two_bases_is_refused(rendered: dict[str, list[Json]], new: str, old: str) -> None:
+    """The two bases are alternatives, not layers: KServe refuses to change an existing InferenceService's mode."""
+    found = problems(rendered[new], rendered[old])
+    assert len(found) == 1 and "deploymentMode cannot be changed" in found[0], found
+
+
+# --------------------------------------------------------------------------------------------- contents
+def test_base_is_serverless_on_s3_with_the_project_runtime(rendered: dict[str, list[Json]]) -> None:
     docs = rendered["base"]
     (isvc,) = of_kind(docs, "InferenceService")
-    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"  # type: ignore[index]
+    assert isvc["metadata"]["annotations"][DEPLOYMENT_MODE] == "Serverless"  # type: ignore[index]
     predictor = isvc["spec"]["predictor"]  # type: ignore[index]
     assert predictor["serviceAccountName"] == "visionpipe-serving"
-    assert predictor["model"]["storageUri"].startswith("s3://")
     assert predictor["model"]["runtime"] == "visionpipe-runtime"
     (runtime,) = of_kind(docs, "ClusterServingRuntime", "visionpipe-runtime")
     (container,) = runtime["spec"]["containers"]  # type: ignore[index]
+    assert container["name"] == canary.CANARY_CONTAINER
     assert container["args"][:2] == ["-m", "serving.server"]
     assert "--model_dir=/mnt/models" in container["args"]
-    formats = [f["name"] for f in runtime["spec"]["supportedModelFormats"]]  # type: ignore[index]
-    assert predictor["model"]["modelFormat"]["name"] in formats
+    formats = runtime["spec"]["supportedModelFormats"]  # type: ignore[index]
+    assert {
+        "name": predictor["model"]["modelFormat"]["name"],
+        "version": predictor["model"]["modelFormat"]["version"],
+    } in [{"name": f["name"], "version": f.get("version")} for f in formats]
+    assert {"name": canary.MODEL_FORMAT["name"], "version": canary.MODEL_FORMAT["version"]} in [
+        {"name": f["name"], "version": f.get("version")} for f in formats
+    ], "the canary entries that `visionpipe canary --mode standard` writes name the runtime's model format"
 
 
-@needs_kubectl
-def test_s3_secret_and_service_account(rendered: dict[str, list[dict[str, object]]]) -> None:
+def test_the_standard_base_is_the_base_in_standard_mode(rendered: dict[str, list[Json]]) -> None:
+    (serverless,) = of_kind(rendered["base"], "InferenceService")
+    (standard,) = of_kind(rendered["standard"], "InferenceService")
+    assert standard["spec"] == serverless["spec"]
+    assert standard["metadata"]["annotations"] == {DEPLOYMENT_MODE: "Standard"}  # type: ignore[index]
+    others = [d for d in rendered["base"] if d["kind"] != "InferenceService"]
+    assert others == [d for d in rendered["standard"] if d["kind"] != "InferenceService"]
+
+
+def test_s3_secret_and_service_account(rendered: dict[str, list[Json]]) -> None:
     docs = rendered["base"]
     (secret,) = of_kind(docs, "Secret")
     annotations = secret["metadata"]["annotations"]  # type: ignore[index]
     assert {"serving.kserve.io/s3-endpoint", "serving.kserve.io/s3-usehttps"} <= set(annotations)
-    assert set(secret["data"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}  # type: ignore[call-overload]
-    env_file = (MANIFESTS / "base" / "s3-credentials.env").read_text()
-    values = [line.split("=", 1)[1] for line in env_file.splitlines() if "=" in line and not line.startswith("#")]
-    assert values and all(v == "REPLACE_ME" for v in values), "only placeholders may be committed"
+    # The pipeline steps mount every key of S3_SECRET_KEYS with optional: false, so the Secret must hold them all.
+    from serving.storage import S3_SECRET, S3_SECRET_KEYS
+
+    assert secret["metadata"]["name"] == S3_SECRET  # type: ignore[index]
+    assert set(secret["data"]) == set(S3_SECRET_KEYS)  # type: ignore[call-overload]
+    env_file = (MANIFESTS / "common" / "s3-credentials.env").read_text()
+    pairs = dict(line.split("=", 1) for line in env_file.splitlines() if "=" in line and not line.startswith("#"))
+    credentials = {k: v for k, v in pairs.items() if k.startswith("AWS_")}
+    assert credentials and all(v == "REPLACE_ME" for v in credentials.values()), "only placeholders may be committed"
     (account,) = of_kind(docs, "ServiceAccount", "visionpipe-serving")
     assert {"name": secret["metadata"]["name"]} in account["secrets"]  # type: ignore[index,operator]
 
 
-@needs_kubectl
-def test_canary_overlay(rendered: dict[str, list[dict[str, object]]]) -> None:
+def test_canary_overlay(rendered: dict[str, list[Json]]) -> None:
     (isvc,) = of_kind(rendered["overlays/canary"], "InferenceService")
+    (stable,) = of_kind(rendered["base"], "InferenceService")
     predictor = isvc["spec"]["predictor"]  # type: ignore[index]
     assert predictor["canaryTrafficPercent"] == 10
-    assert predictor["model"]["storageUri"].endswith("/candidate")
+    assert predictor["model"]["storageUri"] != stable["spec"]["predictor"]["model"]["storageUri"]  # type: ignore[index]
     assert predictor["serviceAccountName"] == "visionpipe-serving", "the base fields survive the patch"
 
 
-@needs_kubectl
-def test_raw_canary_overlay(rendered: dict[str, list[dict[str, object]]]) -> None:
+def test_raw_canary_overlay_is_a_native_standard_mode_canary(rendered: dict[str, list[Json]]) -> None:
     (isvc,) = of_kind(rendered["overlays/raw-canary"], "InferenceService")
-    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"  # type: ignore[index]
-    (canary,) = isvc["spec"]["canary"]  # type: ignore[index]
-    assert canary["trafficPercent"] == 10
-    assert canary["predictor"]["model"]["storageUri"].endswith("/candidate")
+    (stable,) = of_kind(rendered["standard"], "InferenceService")
+    assert isvc["metadata"]["annotations"][DEPLOYMENT_MODE] == "Standard"  # type: ignore[index]
+    assert isvc["spec"]["predictor"] == stable["spec"]["predictor"], "the stable predictor is untouched"  # type: ignore[index]
+    (entry,) = isvc["spec"]["canary"]  # type: ignore[index]
+    assert entry["trafficPercent"] == 10
+    assert entry["predictor"]["name"] == canary.CANARY_PREDICTOR
+    model = entry["predictor"]["model"]
+    assert model["name"] == canary.CANARY_CONTAINER and model["modelFormat"] == canary.MODEL_FORMAT
+    assert model["storageUri"] != stable["spec"]["predictor"]["model"]["storageUri"]  # type: ignore[index]
     assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]  # type: ignore[index]
+    assert entry == canary.start_patch("standard", model["storageUri"], 10)["spec"]["canary"][0]  # type: ignore[index]
 
 
-@needs_kubectl
-def test_shadow_overlay_wires_logger_replayer_and_candidate(rendered: dict[str, list[dict[str, object]]]) -> None:
+def test_shadow_overlay_wires_logger_replayer_and_candidate(rendered: dict[str, list[Json]]) -> None:
     docs = rendered["overlays/shadow"]
     (primary,) = of_kind(docs, "InferenceService", "digits")
     (candidate,) = of_kind(docs, "InferenceService", "digits-candidate")
@@ -215,3 +202,101 @@ def test_shadow_overlay_wires_logger_replayer_and_candidate(rendered: dict[str, 
     assert candidate_url.startswith(f"http://{name}-predictor/") and f"/v1/models/{name}:predict" in candidate_url
     assert "--host=0.0.0.0" in container["args"]
     assert "logger" not in candidate["spec"]["predictor"]  # type: ignore[index]
+
+
+# --------------------------------------------------------------------------------------------- conventions
+def export_layout() -> re.Pattern[str]:
+    """The storageUri of a published bundle, derived from the code that names it: export writes
+    <destination>/<model_name>/<version>/ (components/export.py) and the version is
+    created.strftime(FORMAT) + "-" + recipe_hash[:N] (components/bundle_validation.py)."""
+    source = (ROOT / "components" / "bundle_validation.py").read_text()
+    found = re.search(r'strftime\("([^"]+)"\)\s*\+\s*"-"\s*\+\s*recipe_hash\[:(\d+)\]', source)
+    assert found, "bundle_validation.py no longer builds the version as strftime(...) + '-' + recipe_hash[:n]"
+    widths = {"Y": 4, "m": 2, "d": 2, "H": 2, "M": 2, "S": 2}
+    version = "".join(
+        rf"\d{{{widths[part[1]]}}}" if part.startswith("%") else re.escape(part)
+        for part in re.split(r"(%[YmdHMS])", found[1])
+        if part
+    )
+    version += rf"-[0-9a-f]{{{found[2]}}}"  # recipe_hash: a sha256 hex digest (components/recipes.py)
+    return re.compile(rf"^s3://[^/]+/(?:.+/)?{re.escape(canary.DEFAULT_NAME)}/{version}/?$")
+
+
+def test_the_layout_pattern_matches_what_the_code_names() -> None:
+    from components.recipes import load_recipe, recipe_hash
+
+    layout = export_layout()
+    version = (
+        dt.datetime(2026, 12, 1, 10, 15).strftime("%Y%m%d-%H%M%S") + "-" + recipe_hash(load_recipe("digits-cnn"))[:8]
+    )
+    assert layout.match(f"s3://visionpipe/bundles/digits/{version}")
+    expected = re.compile(r"^s3://[^/]+/(?:.+/)?digits/\d{8}-\d{6}-[0-9a-f]{8}/?$")  # the documented layout
+    samples = [
+        f"s3://visionpipe/bundles/digits/{version}/",
+        "s3://b/digits/20261201-101500-ab12cd34",
+        "s3://b/p/digits/2026120-101500-ab12cd34",
+        "s3://b/p/digits/20261201-101500-AB12CD34",
+        "s3://b/p/digits/20261201-101500-ab12cd3",
+        "s3://b/p/visionpipe-digits/20261201-101500-ab12cd34",
+    ]
+    assert [bool(layout.match(u)) for u in samples] == [bool(expected.match(u)) for u in samples]
+    for wrong in ("s3://visionpipe/bundles/digits/current", "s3://visionpipe/bundles/digits/candidate", "s3://b/x"):
+        assert not layout.match(wrong), wrong
+
+
+@pytest.mark.parametrize("kustomization", ALL)
+def test_every_storage_uri_is_a_published_bundle(rendered: dict[str, list[Json]], kustomization: str) -> None:
+    layout = export_layout()
+    uris = [v for d in rendered[kustomization] for k, v in walk(d) if k in ("storageUri", "uri")]
+    assert all(isinstance(u, str) and layout.match(u) for u in uris), uris
+
+
+def test_one_inference_service_name_everywhere(rendered: dict[str, list[Json]]) -> None:
+    for base in ("base", "standard"):
+        (isvc,) = of_kind(rendered[base], "InferenceService")
+        assert isvc["metadata"]["name"] == canary.DEFAULT_NAME  # type: ignore[index]
+    parser = argparse.ArgumentParser()
+    canary.register(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["canary", "status"]).name == canary.DEFAULT_NAME
+
+    from pipelines.monthly_retrain import monthly_retrain_pipeline
+    from pipelines.training import training_pipeline
+
+    for pipeline in (training_pipeline, monthly_retrain_pipeline):
+        model_name = inspect.signature(getattr(pipeline, "pipeline_func", pipeline)).parameters["model_name"].default
+        assert model_name == canary.DEFAULT_NAME, (
+            f"model_name defaults to {model_name!r}: export would publish under <destination>/{model_name}/, not the "
+            f"<destination>/{canary.DEFAULT_NAME}/ that manifests/ serve"
+        )
+
+    signature = inspect.signature(getattr(monthly_retrain_pipeline, "pipeline_func", monthly_retrain_pipeline))
+    default = signature.parameters["isvc_name"].default
+    assert default == canary.DEFAULT_NAME, (
+        f"pipelines/monthly_retrain.py: isvc_name defaults to {default!r}, but the InferenceService in manifests/ "
+        f"is {canary.DEFAULT_NAME!r} (the project decision: the pipeline helper changes this default to 'digits')"
+    )
+
+
+def test_the_image_is_settable_with_kustomize_edit_set_image(tmp_path: Path, rendered: dict[str, list[Json]]) -> None:
+    """`kustomize edit set image visionpipe=<ref>@sha256:<d>` rewrites the `images:` entry named visionpipe
+    (newName + digest); emulated on a copy, both the runtime and the shadow replayer then run <ref>@sha256:<d>."""
+    entries = {}
+    for name in ("common", "overlays/shadow"):
+        data = yaml.safe_load((MANIFESTS / name / "kustomization.yaml").read_text())
+        (entry,) = [e for e in data["images"] if e["name"] == "visionpipe"]
+        entries[name] = entry
+    assert entries["common"] == entries["overlays/shadow"], "keep the two images: entries equal"
+    images = [v for docs in rendered.values() for d in docs for k, v in walk(d) if k == "image"]
+    assert images and all(i == f"{entries['common']['newName']}:{entries['common']['newTag']}" for i in images)
+
+    tree = tmp_path / "manifests"
+    shutil.copytree(MANIFESTS, tree)
+    digest = "sha256:" + "ab" * 32
+    for name in ("common", "overlays/shadow"):
+        path = tree / name / "kustomization.yaml"
+        data = yaml.safe_load(path.read_text())
+        data["images"] = [{"name": "visionpipe", "newName": "registry.example.com/ml/visionpipe", "digest": digest}]
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert KUBECTL is not None
+    pinned = [v for d in render(tree / "overlays" / "shadow", KUBECTL) for k, v in walk(d) if k == "image"]
+    assert len(pinned) == 2 and set(pinned) == {f"registry.example.com/ml/visionpipe@{digest}"}

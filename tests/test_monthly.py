@@ -10,9 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from components.monthly import MonthlyError, canary_patch, champion_backbone, gather_month, resolve_month
+from components.monthly import (
+    MonthlyError,
+    canary_patch,
+    champion_backbone,
+    deployment_mode,
+    gather_month,
+    resolve_month,
+    start_canary_patch,
+)
 from pipelines.local import run_pipeline
 from pipelines.monthly_retrain import monthly_retrain_pipeline
 from serving import bundle as B
@@ -36,13 +45,97 @@ def test_bad_month_is_refused(bad: str) -> None:
         resolve_month(bad)
 
 
+CANDIDATE = "s3://visionpipe/bundles/digits/20270105-093000-cd34ef56"
+MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
+
+
+def _manifest(relative: str) -> dict[str, object]:
+    loaded = yaml.safe_load((MANIFESTS / relative).read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
 def test_canary_patch_body() -> None:
     patch = canary_patch("s3://models/digits/v2", 10)
     assert patch == {
         "spec": {"predictor": {"canaryTrafficPercent": 10, "model": {"storageUri": "s3://models/digits/v2"}}}
     }
+    assert canary_patch("s3://models/digits/v2", 10, "Serverless") == patch  # the legacy name of Knative
     with pytest.raises(MonthlyError, match=r"1\.\.100"):
         canary_patch("s3://x", 0)
+    with pytest.raises(MonthlyError, match="ModelMesh"):
+        canary_patch("s3://x", 10, "ModelMesh")
+
+
+@pytest.mark.parametrize(("kserve_mode", "cli_mode"), [("Knative", "serverless"), ("Standard", "standard")])
+def test_canary_patch_equals_the_cli_patch(kserve_mode: str, cli_mode: str) -> None:
+    """The monthly step and `visionpipe canary start` write the same patch for the same mode."""
+    from pipelines.canary import start_patch
+
+    assert canary_patch(CANDIDATE, 10, kserve_mode) == start_patch(cli_mode, CANDIDATE, 10)
+    if kserve_mode == "Standard":
+        assert canary_patch(CANDIDATE, 10, "RawDeployment") == start_patch(cli_mode, CANDIDATE, 10)
+
+
+def test_deployment_mode_of_a_live_service() -> None:
+    isvc = _manifest("standard/inference-service.yaml")
+    assert deployment_mode(isvc) == "Standard"
+    assert deployment_mode({**isvc, "status": {"deploymentMode": "Serverless"}}) == "Knative"  # status wins
+    with pytest.raises(MonthlyError, match="deployment mode"):
+        deployment_mode({"metadata": {"name": "digits"}})
+
+
+class FakeCluster:
+    """The CustomObjectsApi calls start_canary_patch makes, against one InferenceService: GET returns it, PATCH
+    applies the RFC 7386 merge patch and admits the result as the API server + KServe would."""
+
+    def __init__(self, live: dict[str, object]) -> None:
+        self.live = live
+        self.calls: list[tuple[str, ...]] = []
+
+    def get_namespaced_custom_object(self, group: str, version: str, ns: str, plural: str, name: str) -> object:
+        self.calls.append(("get", group, version, ns, plural, name))
+        return self.live
+
+    def patch_namespaced_custom_object(
+        self, group: str, version: str, ns: str, plural: str, name: str, body: object
+    ) -> object:
+        from k8s_schema import merge_patch
+        from kserve_rules import admit
+
+        self.calls.append(("patch", group, version, ns, plural, name))
+        new = merge_patch(self.live, body)
+        assert isinstance(new, dict)
+        admission = admit(new, self.live, objects=[_manifest("common/serving-runtime.yaml")])
+        assert admission.ok, admission.result.describe()
+        self.live = admission.obj
+        return self.live
+
+
+@pytest.mark.parametrize("base", ["base", "standard"])
+def test_start_canary_patch_reads_the_mode_and_the_platform_accepts_the_patch(
+    base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from k8s_schema import PLATFORM
+    from kubernetes import client, config
+
+    if not PLATFORM.is_dir():
+        pytest.skip(f"platform CRDs not found at {PLATFORM}")
+    cluster = FakeCluster(_manifest(f"{base}/inference-service.yaml"))
+    monkeypatch.setattr(config, "load_incluster_config", lambda: None)
+    monkeypatch.setattr(client, "CustomObjectsApi", lambda: cluster)
+    result = start_canary_patch("digits", "kubeflow-user", CANDIDATE, 10)
+    assert [c[0] for c in cluster.calls] == ["get", "patch"]
+    assert cluster.calls[1][1:] == ("serving.kserve.io", "v1beta1", "kubeflow-user", "inferenceservices", "digits")
+    spec = result["spec"]
+    assert isinstance(spec, dict)
+    if base == "standard":
+        (entry,) = spec["canary"]
+        assert entry["predictor"]["model"]["storageUri"] == CANDIDATE and entry["trafficPercent"] == 10
+        assert spec["predictor"]["model"]["storageUri"] != CANDIDATE, "the stable bundle keeps 90 %"
+    else:
+        assert spec["predictor"]["canaryTrafficPercent"] == 10
+        assert spec["predictor"]["model"]["storageUri"] == CANDIDATE
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -164,5 +257,5 @@ def test_pipeline_rbac_lets_the_canary_step_patch_inference_services() -> None:
     docs = {d["kind"]: d for d in yaml.safe_load_all(rendered)}
     rule = docs["Role"]["rules"][0]
     assert rule["apiGroups"] == ["serving.kserve.io"] and "inferenceservices" in rule["resources"]
-    assert "patch" in rule["verbs"]
+    assert {"get", "patch"} <= set(rule["verbs"]), "start_canary_patch reads the service's mode, then patches it"
     assert docs["RoleBinding"]["roleRef"]["name"] == docs["Role"]["metadata"]["name"]

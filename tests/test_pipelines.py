@@ -1,15 +1,70 @@
-"""Pipeline graph, compiled YAML freshness, local runs through kfp.local, CLI parameters."""
+"""Pipeline graph, compiled YAML freshness and image, run form, platform config, kfp.local, CLI parameters."""
 
 from __future__ import annotations
 
+import inspect
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
+from components._kfp import BASE_IMAGE
 from pipelines.cli import main
-from pipelines.compile import stale_pipelines
+from pipelines.compile import (
+    COMPILED_DIR,
+    PIPELINES,
+    ImageRefError,
+    compile_all,
+    parse_image_ref,
+    set_executor_images,
+    stale_pipelines,
+)
 from pipelines.local import ParameterError, parse_parameters
-from pipelines.training import training_pipeline
+from pipelines.monthly_retrain import monthly_retrain_pipeline
+from pipelines.training import S3_SECRET, S3_SECRET_KEYS, training_pipeline
+
+DIGEST_REF = "registry.example.com/visionpipe@sha256:" + "0123456789abcdef" * 4
+FUNCTIONS: dict[str, Callable[..., object]] = {
+    "training": training_pipeline.pipeline_func,
+    "monthly-retrain": monthly_retrain_pipeline.pipeline_func,
+}
+# Components whose step reads or writes s3:// URIs (data, checkpoints, champion, destination).
+S3_COMPONENTS = {
+    "training": {"data-fetch", "domain-pretrain", "supervised-train", "bundle-validation", "export"},
+    "monthly-retrain": {"fetch-month", "champion-warm-start", "supervised-train", "bundle-validation", "export"},
+}
+
+Documents = list[dict[str, object]]
+
+
+def _load(path: Path) -> Documents:
+    docs = list(yaml.safe_load_all(path.read_text()))
+    assert all(isinstance(d, dict) for d in docs)
+    return docs
+
+
+def _executors(docs: Documents) -> dict[str, dict[str, object]]:
+    deployment = docs[0]["deploymentSpec"]
+    assert isinstance(deployment, dict)
+    executors: dict[str, dict[str, object]] = deployment["executors"]
+    return executors
+
+
+def _root_parameters(docs: Documents) -> dict[str, dict[str, object]]:
+    root = docs[0]["root"]
+    assert isinstance(root, dict)
+    params: dict[str, dict[str, object]] = root["inputDefinitions"]["parameters"]
+    return params
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Documents]:
+    """A fresh compile (default image) of both pipelines: name -> YAML documents (IR, platform spec)."""
+    out = tmp_path_factory.mktemp("compiled")
+    compile_all(out)
+    return {entry.name: _load(out / f"{entry.name}.yaml") for entry in PIPELINES}
 
 
 def test_checked_in_compiled_yaml_is_current() -> None:
@@ -49,3 +104,211 @@ def test_parse_parameters_errors(pairs: list[str], message: str) -> None:
 def test_cli_rejects_bad_parameter(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "-p", "bogus=1"]) == 2
     assert "unknown pipeline parameter 'bogus'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- image references
+@pytest.mark.parametrize(
+    ("ref", "pinned"),
+    [
+        (DIGEST_REF, True),
+        ("registry.example.com:5000/team/visionpipe:1.2.0@sha256:" + "a" * 64, True),
+        ("localhost/visionpipe@sha256:" + "f" * 64, True),
+        ("localhost:5000/visionpipe:dev", False),
+        ("visionpipe", False),
+        ("ghcr.io/visionpipe/visionpipe:0.1.0", False),
+    ],
+)
+def test_parse_image_ref_accepts_valid_references(ref: str, pinned: bool) -> None:
+    parsed = parse_image_ref(ref)
+    assert parsed.pinned is pinned
+    assert (parsed.warning() is None) is pinned
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "",
+        "Registry.example.com/VisionPipe@sha256:" + "a" * 64,  # upper-case repository
+        "visionpipe@sha256:abc123",  # short digest
+        "visionpipe@sha256:" + "A" * 64,  # upper-case hex
+        "visionpipe@md5:" + "a" * 32,  # not sha256
+        "visionpipe:1.0:extra",
+        "visionpipe:tag with space",
+        "registry.example.com/visionpipe/",
+        "-registry/visionpipe",
+        "https://registry.example.com/visionpipe",
+    ],
+)
+def test_parse_image_ref_refuses_malformed_references(ref: str) -> None:
+    with pytest.raises(ImageRefError, match=r"sha256:<64 hex digits>|sha256: followed by 64"):
+        parse_image_ref(ref)
+
+
+def test_compile_image_rewrites_every_executor_and_nothing_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["compile", "--out", str(tmp_path / "default")]) == 0
+    assert main(["compile", "--image", DIGEST_REF, "--out", str(tmp_path / "pinned")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    for entry in PIPELINES:
+        default_path, pinned_path = (tmp_path / d / f"{entry.name}.yaml" for d in ("default", "pinned"))
+        default, pinned = _load(default_path), _load(pinned_path)
+        executors = _executors(pinned)
+        containers = [spec["container"] for spec in executors.values() if "container" in spec]
+        assert len(containers) == len(executors) >= 5
+        assert all(isinstance(c, dict) and c["image"] == DIGEST_REF for c in containers)
+        assert {spec["container"]["image"] for spec in _executors(default).values()} == {BASE_IMAGE}  # type: ignore[index]
+        for spec in executors.values():  # put the default image back: then the documents are identical
+            container = spec["container"]
+            assert isinstance(container, dict)
+            container["image"] = BASE_IMAGE
+        assert pinned == default
+        changed = [
+            (a, b)
+            for a, b in zip(default_path.read_text().splitlines(), pinned_path.read_text().splitlines(), strict=True)
+            if a != b
+        ]
+        assert len(changed) == len(containers)
+        assert all(a.strip() == f"image: {BASE_IMAGE}" and b.strip() == f"image: {DIGEST_REF}" for a, b in changed)
+
+
+def test_rewriting_the_images_keeps_kfps_formatting_byte_for_byte() -> None:
+    for entry in PIPELINES:
+        text = (COMPILED_DIR / f"{entry.name}.yaml").read_text()
+        assert set_executor_images(text, BASE_IMAGE) == text
+
+
+def test_compile_refuses_a_malformed_image_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["compile", "--image", "registry.example.com/VisionPipe:dev", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is malformed" in err and "[registry[:port]/]repository[:tag]@sha256:<64 hex digits>" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_compile_warns_on_a_mutable_tag_but_compiles(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ref = "localhost:5000/visionpipe:dev"
+    assert main(["compile", "--image", ref, "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "no digest" in err and "localhost:5000/visionpipe@sha256:<digest>" in err
+    for entry in PIPELINES:
+        executors = _executors(_load(tmp_path / f"{entry.name}.yaml"))
+        images = {spec["container"]["image"] for spec in executors.values()}  # type: ignore[index]
+        assert images == {ref}
+
+
+def test_compile_check_compares_with_the_given_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", "--image", DIGEST_REF, "--out", str(tmp_path)]) == 0
+    assert main(["compile", "--check", "--image", DIGEST_REF, "--out", str(tmp_path)]) == 0
+    assert main(["compile", "--check", "--out", str(tmp_path)]) == 1  # the default image differs
+    assert f"image: {BASE_IMAGE}" in capsys.readouterr().err
+
+
+def test_default_image_is_a_digest_pinned_placeholder() -> None:
+    parsed = parse_image_ref(BASE_IMAGE)
+    assert parsed.pinned and parsed.name.startswith("registry.invalid/")
+
+
+# ----------------------------------------------------------------------------------------------- run form
+@pytest.mark.parametrize("name", ["training", "monthly-retrain"])
+def test_every_run_form_parameter_has_a_description(compiled: dict[str, Documents], name: str) -> None:
+    params = _root_parameters(compiled[name])
+    described = {p for p, spec in params.items() if isinstance(spec.get("description"), str) and spec["description"]}
+    signature = set(inspect.signature(FUNCTIONS[name]).parameters)
+    assert described == set(params) == signature
+    assert len(signature) == {"training": 35, "monthly-retrain": 30}[name]
+    destination = params["destination"]["description"]
+    assert isinstance(destination, str) and "On a cluster it must be an s3://" in destination
+
+
+@pytest.mark.parametrize("name", ["training", "monthly-retrain"])
+def test_model_name_defaults_to_the_inference_service_name(compiled: dict[str, Documents], name: str) -> None:
+    params = _root_parameters(compiled[name])
+    assert params["model_name"]["defaultValue"] == "digits"
+    if name == "monthly-retrain":
+        assert params["isvc_name"]["defaultValue"] == "digits"
+
+
+# ------------------------------------------------------------------------------------------ UI artifacts
+@pytest.mark.parametrize("name", ["training", "monthly-retrain"])
+@pytest.mark.parametrize(
+    ("component", "output", "schema"),
+    [
+        ("comp-threshold-sweep", "sweep_plot", "system.HTML"),
+        ("comp-threshold-sweep", "classification_metrics", "system.ClassificationMetrics"),
+        ("comp-threshold-sweep", "summary", "system.Markdown"),
+        ("comp-threshold-sweep", "decision", "system.Artifact"),
+        ("comp-calibrate", "reliability_diagram", "system.HTML"),
+        ("comp-calibrate", "summary", "system.Markdown"),
+        ("comp-calibrate", "calibration", "system.Artifact"),
+    ],
+)
+def test_decision_steps_declare_ui_outputs(
+    compiled: dict[str, Documents], name: str, component: str, output: str, schema: str
+) -> None:
+    components = compiled[name][0]["components"]
+    assert isinstance(components, dict)
+    artifacts = components[component]["outputDefinitions"]["artifacts"]
+    assert artifacts[output]["artifactType"]["schemaTitle"] == schema
+
+
+# ------------------------------------------------------------------------------------------- S3 Secret
+@pytest.mark.parametrize("name", ["training", "monthly-retrain"])
+def test_every_s3_step_mounts_the_secret_not_optional(compiled: dict[str, Documents], name: str) -> None:
+    docs = compiled[name]
+    assert len(docs) == 2, "the platform spec document is missing"
+    platform = docs[1]["platforms"]
+    assert isinstance(platform, dict)
+    k8s_executors = platform["kubernetes"]["deploymentSpec"]["executors"]
+    s3_executors = {
+        executor
+        for executor in _executors(docs)
+        if any(executor == f"exec-{c}" or executor.startswith(f"exec-{c}-") for c in S3_COMPONENTS[name])
+    }
+    assert {e.removeprefix("exec-").rstrip("-0123456789") for e in s3_executors} == S3_COMPONENTS[name]
+    assert s3_executors <= set(k8s_executors)
+    from components.storage import SIGNING_SECRET, SIGNING_SECRET_KEYS
+
+    expected = {S3_SECRET: S3_SECRET_KEYS, SIGNING_SECRET: SIGNING_SECRET_KEYS}
+    signing = set()
+    for executor, config in k8s_executors.items():
+        for mount in config.get("secretAsEnv", []):
+            secret = mount["secretName"]
+            assert secret in expected, executor
+            assert mount["secretNameParameter"]["runtimeValue"]["constant"] == secret
+            assert mount.get("optional", False) is False, f"{executor} mounts {secret} as optional"
+            assert {m["secretKey"]: m["envVar"] for m in mount["keyToEnv"]} == expected[secret]
+            if secret == SIGNING_SECRET:
+                signing.add(executor.removeprefix("exec-").rstrip("-0123456789"))
+    for executor in s3_executors:
+        secrets = {m["secretName"] for m in k8s_executors[executor].get("secretAsEnv", [])}
+        assert S3_SECRET in secrets, f"{executor} touches S3 but has no {S3_SECRET}"
+    assert signing == {"bundle-validation", "export"}, "the steps that write bundles must get the signing key"
+
+
+def test_kfp_local_ignores_the_kubernetes_secret(tmp_path: Path) -> None:
+    """A step with a non-optional Secret that does not exist still runs under kfp.local (no platform config);
+    kfp.local raises when a task fails."""
+    from kfp import dsl, kubernetes, local
+
+    def check_env():  # type: ignore[no-untyped-def]  # no annotations: this module's are strings, kfp needs types
+        import os
+
+        assert os.environ.get("VISIONPIPE_TEST_MARKER") == "set-by-the-test"
+
+    step = dsl.component(base_image="python:3.11", install_kfp_package=False)(check_env)
+
+    @dsl.pipeline(name="secret-locally")
+    def secret_locally():  # type: ignore[no-untyped-def]
+        task = step()
+        kubernetes.use_secret_as_env(
+            task, secret_name="no-such-secret", secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID"}
+        )
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path))
+    os.environ["VISIONPIPE_TEST_MARKER"] = "set-by-the-test"
+    try:
+        secret_locally()
+    finally:
+        del os.environ["VISIONPIPE_TEST_MARKER"]

@@ -132,7 +132,7 @@ def test_v2_rest_with_independent_client(
     client = tritonhttp.InferenceServerClient(url=f"127.0.0.1:{server[0].port}")
     assert client.is_model_ready("digits")
     encoded = tritonhttp.InferInput("image", [len(images)], "BYTES")
-    # KServe 0.21 takes BYTES over REST as base64 JSON strings (its binary extension only decodes UTF-8 text)
+    # base64 JSON strings here; raw PNG bytes via the binary tensor extension are covered in test_oip.py
     encoded.set_data_from_numpy(np.array([_b64(_png(img)) for img in images], dtype=np.object_), binary_data=False)
     by_bytes = client.infer("digits", [encoded], headers=JSON)
     pixels = tritonhttp.InferInput("pixels", [len(images), 8, 8], "FP32")

@@ -1,6 +1,9 @@
 """Tests of components/threshold_sweep.py: exactness of the sweep, objectives, degenerate inputs, outputs."""
 
+import base64
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +11,8 @@ import pytest
 from sklearn.metrics import matthews_corrcoef
 
 from components.threshold_sweep import (
+    HTML_FILE,
+    PLOT_FILE,
     ObjectiveInfeasibleError,
     SweepError,
     choose_abstain,
@@ -17,6 +22,7 @@ from components.threshold_sweep import (
     parse_objective,
     risk_coverage,
     run,
+    sweep_html,
 )
 from serving.metrics import binary_metrics_from_counts, mcc, softmax
 from serving.policies import apply_policy, policy_from_dict
@@ -193,3 +199,27 @@ def test_load_logits_refuses_other_splits(tmp_path: Path) -> None:
     d = _write_logits(tmp_path / "logits", 2, 20, 0)
     with pytest.raises(SweepError, match="split='train'"):
         load_logits(d, "train")
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_sweep_html_embeds_the_decodable_plot_and_the_key_figures(tmp_path: Path, k: int) -> None:
+    from PIL import Image
+
+    d = _write_logits(tmp_path / "logits", k, 300, seed=20 + k)
+    result = run(d, tmp_path / "out", target_selective_accuracy=0.8, bootstrap=30)
+    page = (tmp_path / "out" / HTML_FILE).read_text()
+    assert page == sweep_html(result, tmp_path / "out" / PLOT_FILE)  # what the component publishes
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(uris) == 1
+    png = base64.b64decode(uris[0], validate=True)
+    assert png == (tmp_path / "out" / PLOT_FILE).read_bytes()
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG" and image.size[0] > 100
+    assert f"<td>{result.threshold:.6g} (raw probability space)</td>" in page
+    assert f"<td>{result.objective_value:.4f}</td>" in page
+    metric = "mcc" if k == 2 else "selective_accuracy"
+    expected_row = (
+        f"<td>{metric}</td><td>{result.metrics[metric]:.4g}</td><td>{result.metrics_val_test[metric]:.4g}</td>"
+    )
+    assert expected_row in page
