@@ -82,6 +82,10 @@ class S3EndpointError(S3ConnectionError):
     """Something answers at the S3 endpoint, but it is not an S3 API (a console, a UI, a proxy's page)."""
 
 
+class S3EndpointMalformed(StorageError):
+    """S3_ENDPOINT / AWS_ENDPOINT_URL is not a usable host[:port] or URL (the message never repeats userinfo)."""
+
+
 class S3AuthError(StorageError):
     """The S3 server refused the credentials."""
 
@@ -147,20 +151,49 @@ def credentials_missing(what: str, missing: tuple[str, ...]) -> S3CredentialsMis
 
 
 def s3_settings_from_env() -> S3Settings:
-    raw = os.environ.get("S3_ENDPOINT", "").strip() or os.environ.get("AWS_ENDPOINT_URL", "").strip()
-    secure = _flag("S3_USE_HTTPS", True)
-    if "://" in raw:
-        parsed = urlparse(raw)
-        secure = parsed.scheme == "https"
-        raw = parsed.netloc
+    name = "S3_ENDPOINT" if os.environ.get("S3_ENDPOINT", "").strip() else "AWS_ENDPOINT_URL"
+    raw = os.environ.get(name, "").strip()
+    endpoint, secure = parse_endpoint(raw, name, _flag("S3_USE_HTTPS", True))
     return S3Settings(
-        endpoint=raw,
+        endpoint=endpoint,
         secure=secure,
         verify=_flag("S3_VERIFY_SSL", True),
         access_key=os.environ.get("AWS_ACCESS_KEY_ID", ""),
         secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
         region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
     )
+
+
+def parse_endpoint(raw: str, name: str = "S3_ENDPOINT", secure: bool = True) -> tuple[str, bool]:
+    """`host[:port]` (and https or not) from an endpoint setting: a URL or a bare host:port. Refuses a scheme
+    other than http(s), user:password@ in the URL (credentials belong in AWS_*; never echoed), a path, and a port
+    outside 1..65535, each with its own message. An empty value stays empty (reported as missing elsewhere)."""
+    if not raw:
+        return "", secure
+    text = raw if "://" in raw else f"{'https' if secure else 'http'}://{raw}"
+    try:
+        parsed = urlparse(text)
+        port = parsed.port  # raises ValueError on a non-numeric or out-of-range port
+    except ValueError:
+        raise S3EndpointMalformed(
+            f"{name} has an invalid port (a number from 1 to 65535 expected), e.g. minio-service.kubeflow:9000"
+        ) from None
+    if parsed.scheme not in ("http", "https"):
+        raise S3EndpointMalformed(f"{name} must be host:port or an http(s):// URL, not a {parsed.scheme}:// URL")
+    if "@" in parsed.netloc:
+        raise S3EndpointMalformed(
+            f"{name} carries user information (user:password@); put the keys in AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY and give the endpoint as host:port"
+        )
+    if not parsed.hostname:
+        raise S3EndpointMalformed(f"{name} names no host; expected host:port, e.g. minio-service.kubeflow:9000")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        raise S3EndpointMalformed(
+            f"{name} must not carry a path or query; expected host:port (the bucket is in the s3:// URI)"
+        )
+    if port == 0:
+        raise S3EndpointMalformed(f"{name} has port 0; a number from 1 to 65535 expected")
+    return parsed.netloc, parsed.scheme == "https"
 
 
 def is_s3(uri: str) -> bool:

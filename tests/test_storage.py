@@ -332,3 +332,40 @@ def test_endpoint_that_is_not_s3_is_named(
         server.shutdown()
         server.server_close()
     assert len(hits) == 2 * requests  # 4xx pages: one request each; a proxy's 5xx page: retried, then named
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        ("http://127.0.0.1:99999", "invalid port"),
+        ("127.0.0.1:99999", "invalid port"),
+        ("minio:abc", "invalid port"),
+        ("http://admin:hunter2@minio:9000", "user information"),
+        ("admin:hunter2@minio:9000", "user information"),
+        ("ftp://minio:21", "not a ftp:// URL"),
+        ("http://minio:9000/bucket", "must not carry a path"),
+        ("http://:9000", "names no host"),
+        ("minio:0", "port 0"),
+    ],
+)
+def test_malformed_endpoint_gets_its_own_message(
+    endpoint: str, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipelines.cli import main
+
+    monkeypatch.setenv("S3_ENDPOINT", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2-secret")
+    with pytest.raises(storage.S3EndpointMalformed, match=message) as err:
+        storage.read_bytes("s3://bucket/key")
+    assert "hunter2" not in str(err.value) and "S3_ENDPOINT" in str(err.value)
+    assert main(["validate-bundle", "s3://bucket/bundles/digits/v1/"]) == 1  # every command: the same message
+    captured = capsys.readouterr()
+    assert message in captured.out + captured.err and "hunter2" not in captured.out + captured.err
+    assert "Traceback" not in captured.out + captured.err
+
+
+def test_well_formed_endpoints_parse() -> None:
+    assert storage.parse_endpoint("minio-service.kubeflow:9000", secure=False) == ("minio-service.kubeflow:9000", False)
+    assert storage.parse_endpoint("https://s3.amazonaws.com") == ("s3.amazonaws.com", True)
+    assert storage.parse_endpoint("http://127.0.0.1:8333/") == ("127.0.0.1:8333", False)
