@@ -57,43 +57,40 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve bundles without a trusted signature (a bad signature is still refused)",
     )
     limits = parser.add_argument_group("limits (each refusal is a named 4xx)")
-    limits.add_argument(
-        "--max_batch", "--max-batch", dest="max_batch", type=int, default=DEFAULT_MAX_BATCH,
-        help="images per request (batch_too_large)",
-    )  # fmt: skip
-    limits.add_argument(
-        "--max_bytes", "--max-bytes", dest="max_bytes", type=int, default=DEFAULT_MAX_BYTES,
-        help="bytes per encoded image (too_many_bytes)",
-    )  # fmt: skip
-    limits.add_argument(
-        "--max_side", "--max-side", dest="max_side", type=int, default=DEFAULT_MAX_SIDE,
-        help="longest image side in pixels (image_too_large)",
-    )  # fmt: skip
-    limits.add_argument(
-        "--max_pixels", "--max-pixels", dest="max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
-        help="pixels per image, from its header (image_too_large)",
-    )  # fmt: skip
-    limits.add_argument(
-        "--max_request_pixels", "--max-request-pixels", dest="max_request_pixels", type=int,
-        default=DEFAULT_MAX_REQUEST_PIXELS, help="pixels per request, all images (request_too_many_pixels)",
-    )  # fmt: skip
-    limits.add_argument(
-        "--max_body_bytes", "--max-body-bytes", dest="max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-        help="request body bytes, REST and gRPC (413 body_too_large / RESOURCE_EXHAUSTED)",
-    )  # fmt: skip
+    _int_flag(limits, "max_batch", DEFAULT_MAX_BATCH, "images per request (batch_too_large)")
+    _int_flag(limits, "max_bytes", DEFAULT_MAX_BYTES, "bytes per encoded image (too_many_bytes)")
+    _int_flag(limits, "max_side", DEFAULT_MAX_SIDE, "longest image side in pixels (image_too_large)")
+    _int_flag(limits, "max_pixels", DEFAULT_MAX_PIXELS, "pixels per image, from its header (image_too_large)")
+    _int_flag(
+        limits,
+        "max_request_pixels",
+        DEFAULT_MAX_REQUEST_PIXELS,
+        "pixels per request, all images (request_too_many_pixels)",
+    )
+    _int_flag(
+        limits,
+        "max_body_bytes",
+        DEFAULT_MAX_BODY_BYTES,
+        "request body bytes, REST and gRPC (413 body_too_large / RESOURCE_EXHAUSTED)",
+    )
     pool = parser.add_argument_group("worker pool")
-    pool.add_argument(
-        "--pool_workers", "--pool-workers", dest="pool_workers", type=int, default=None,
-        help="decode/inference threads (default: the CPU budget: cgroup quota and CPU affinity)",
-    )  # fmt: skip
-    pool.add_argument(
-        "--max_queue", "--max-queue", dest="max_queue", type=int, default=DEFAULT_MAX_QUEUE,
-        help="requests waiting for a worker beyond which 503 overloaded is answered",
-    )  # fmt: skip
-    pool.add_argument(
-        "--torch_threads", "--torch-threads", dest="torch_threads", type=int, default=None,
-        help="torch intra-op threads (default: CPU budget / workers, at least 1; 0: torch's own default)",
-    )  # fmt: skip
+    _int_flag(
+        pool, "pool_workers", None, "decode/inference threads (default: the CPU budget: cgroup quota and CPU affinity)"
+    )
+    _int_flag(
+        pool, "max_queue", DEFAULT_MAX_QUEUE, "requests waiting for a worker beyond which 503 overloaded is answered"
+    )
+    _int_flag(
+        pool,
+        "torch_threads",
+        None,
+        "torch intra-op threads (default: CPU budget / workers, at least 1; 0: torch's own default)",
+    )
+
+
+def _int_flag(group: argparse._ArgumentGroup, name: str, default: int | None, help_text: str) -> None:
+    """An integer option under both spellings KServe's own flags use: --max_batch and --max-batch."""
+    group.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=int, default=default, help=help_text)
 
 
 def serve(args: argparse.Namespace, bundles: Sequence[str]) -> None:

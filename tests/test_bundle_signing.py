@@ -5,32 +5,18 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from bundle_copies import Manifest, copy_bundle, read_manifest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pipelines.cli import main
 from serving import bundle as B
 from serving import signing
-
-Manifest = dict[str, object]
-
-
-def _copy(candidate: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "bundle"
-    shutil.copytree(candidate, dest)
-    return dest
-
-
-def _manifest(root: Path) -> Manifest:
-    data = json.loads((root / B.BUNDLE_FILE).read_text())
-    assert isinstance(data, dict)
-    return data
 
 
 def _write_manifest(root: Path, manifest: Manifest, key: Ed25519PrivateKey | None) -> None:
@@ -103,8 +89,8 @@ def test_tampered_manifest_is_refused_until_resigned(
     changed: object,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    root = _copy(candidate, tmp_path)
-    manifest = _manifest(root)
+    root = copy_bundle(candidate, tmp_path)
+    manifest = read_manifest(root)
     edit(manifest)
     _write_manifest(root, manifest, key=None)  # checksums still match: only the signature can tell
     with pytest.raises(B.BadSignature, match="changed after it was signed") as err:
@@ -127,7 +113,7 @@ def test_tampered_manifest_is_refused_until_resigned(
 def test_unsigned_bundle_refused_unless_explicitly_allowed(
     candidate: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     (root / B.SIGNATURE_FILE).unlink()
     with pytest.raises(B.Unsigned, match="not signed") as err:
         B.read_bundle(root)
@@ -141,7 +127,7 @@ def test_unsigned_bundle_refused_unless_explicitly_allowed(
 
 
 def test_write_bundle_sign_false_writes_no_signature(candidate: Path, tmp_path: Path) -> None:
-    manifest = {k: v for k, v in _manifest(candidate).items() if k != "files"}
+    manifest = {k: v for k, v in read_manifest(candidate).items() if k != "files"}
     card = json.loads((candidate / B.MODEL_CARD_FILE).read_text())
     out = tmp_path / "unsigned"
     B.write_bundle(out, manifest, [candidate / "weights" / "member-0.safetensors"], card, sign=False)
@@ -163,7 +149,7 @@ def test_write_bundle_writes_the_signature_before_the_manifest(
         real(path, payload)
 
     monkeypatch.setattr(B, "_write_bytes", record)
-    manifest = {k: v for k, v in _manifest(candidate).items() if k != "files"}
+    manifest = {k: v for k, v in read_manifest(candidate).items() if k != "files"}
     card = json.loads((candidate / B.MODEL_CARD_FILE).read_text())
     B.write_bundle(tmp_path / "b", manifest, [candidate / "weights" / "member-0.safetensors"], card)
     assert order[-2:] == [B.SIGNATURE_FILE, B.BUNDLE_FILE]
@@ -172,9 +158,9 @@ def test_write_bundle_writes_the_signature_before_the_manifest(
 def test_untrusted_key_refused_then_trusted_via_env(
     candidate: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     stranger = Ed25519PrivateKey.generate()
-    _write_manifest(root, _manifest(root), key=stranger)
+    _write_manifest(root, read_manifest(root), key=stranger)
     with pytest.raises(B.UntrustedKey, match="not trusted here") as err:
         B.read_bundle(root)
     assert err.value.reason == "untrusted_key"
@@ -186,8 +172,8 @@ def test_untrusted_key_refused_then_trusted_via_env(
 
 def test_forged_key_id_is_a_bad_signature(candidate: Path, tmp_path: Path) -> None:
     """Naming a trusted key id does not help a signature made with another key."""
-    root = _copy(candidate, tmp_path)
-    manifest = _manifest(root)
+    root = copy_bundle(candidate, tmp_path)
+    manifest = read_manifest(root)
     _temperature(manifest)
     forged = signing.sign_manifest(manifest, Ed25519PrivateKey.generate())
     trusted_id = signing.key_id(_local_key().public_key())
@@ -204,7 +190,7 @@ def test_forged_key_id_is_a_bad_signature(candidate: Path, tmp_path: Path) -> No
     [b"not json", b'{"format": 1, "algorithm": "rsa"}', b"[]", b"\xff\xfe", b'{"format": 1}' + b" " * 20000],
 )
 def test_malformed_signature_file_is_a_bad_signature(candidate: Path, tmp_path: Path, content: bytes) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     (root / B.SIGNATURE_FILE).write_bytes(content)
     with pytest.raises(B.BadSignature) as err:
         B.read_bundle(root, allow_unsigned=True)
@@ -213,9 +199,9 @@ def test_malformed_signature_file_is_a_bad_signature(candidate: Path, tmp_path: 
 
 def test_key_rotation_trusts_several_keys(candidate: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     old, new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
-    by_old, by_new = _copy(candidate, tmp_path / "a"), _copy(candidate, tmp_path / "b")
-    _write_manifest(by_old, _manifest(by_old), key=old)
-    _write_manifest(by_new, _manifest(by_new), key=new)
+    by_old, by_new = copy_bundle(candidate, tmp_path / "a"), copy_bundle(candidate, tmp_path / "b")
+    _write_manifest(by_old, read_manifest(by_old), key=old)
+    _write_manifest(by_new, read_manifest(by_new), key=new)
     # during the rotation both are trusted, as a comma-separated list ...
     monkeypatch.setenv(signing.TRUSTED_KEYS_ENV, f"{_b64(old)}, {_b64(new)}")
     assert B.read_bundle(by_old).signed_by == signing.key_id(old.public_key())
@@ -229,20 +215,20 @@ def test_key_rotation_trusts_several_keys(candidate: Path, tmp_path: Path, monke
     B.reseal_bundle(by_old, signing_key=new)
     keys_file.write_text(f"{_b64(new)}\n")
     assert B.read_bundle(by_old).signed_by == signing.key_id(new.public_key())
-    _write_manifest(by_new, _manifest(by_new), key=old)
+    _write_manifest(by_new, read_manifest(by_new), key=old)
     with pytest.raises(B.UntrustedKey):
         B.read_bundle(by_new)
 
 
 def test_reseal_lists_a_report_and_refuses_a_tampered_bundle(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     (root / "notes.md").write_text("written after validation\n")
     with pytest.raises(B.UnlistedFile):
         B.read_bundle(root)
     B.reseal_bundle(root, add=["notes.md"])
     files = B.read_bundle(root).manifest["files"]
     assert isinstance(files, dict) and "notes.md" in files
-    manifest = _manifest(root)
+    manifest = read_manifest(root)
     _threshold(manifest)
     _write_manifest(root, manifest, key=None)
     with pytest.raises(B.BadSignature):
@@ -253,7 +239,7 @@ def test_env_signing_key_signs_and_is_trusted(candidate: Path, tmp_path: Path, m
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    manifest = {k: v for k, v in _manifest(candidate).items() if k != "files"}
+    manifest = {k: v for k, v in read_manifest(candidate).items() if k != "files"}
     card = json.loads((candidate / B.MODEL_CARD_FILE).read_text())
     for i, value in enumerate((base64.b64encode(raw).decode(), pem.decode())):
         monkeypatch.setenv(signing.SIGNING_KEY_ENV, value)
@@ -267,7 +253,7 @@ def test_malformed_signing_key_is_refused_without_echoing_it(
     candidate: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
 ) -> None:
     monkeypatch.setenv(signing.SIGNING_KEY_ENV, value)
-    manifest = {k: v for k, v in _manifest(candidate).items() if k != "files"}
+    manifest = {k: v for k, v in read_manifest(candidate).items() if k != "files"}
     with pytest.raises(B.KeyConfig) as err:
         B.write_bundle(tmp_path / "b", manifest, [candidate / "weights" / "member-0.safetensors"], {})
     assert err.value.reason == "key_config" and signing.SIGNING_KEY_ENV in str(err.value)
@@ -338,7 +324,7 @@ def test_serve_refuses_an_unsigned_bundle_by_name_unless_allowed(candidate: Path
 
     from serving.server_util import free_port, running_server
 
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     (root / B.SIGNATURE_FILE).unlink()
     refused = subprocess.run(
         [sys.executable, "-m", "serving.server", "--model_dir", str(root), "--http_port", str(free_port())],

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bundle_copies import Manifest, copy_bundle, read_manifest
 from safetensors.torch import save_file
 
 from pipelines.cli import main
@@ -26,26 +27,13 @@ from serving import bundle as B
 from serving import models as M
 from serving import signing
 
-Manifest = dict[str, object]
 WEIGHTS = "weights/member-0.safetensors"
 VISIONPIPE = Path(sys.executable).parent / "visionpipe"
 
 
-def _copy(candidate: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "bundle"
-    shutil.copytree(candidate, dest)
-    return dest
-
-
-def _manifest(root: Path) -> Manifest:
-    data = json.loads((root / B.BUNDLE_FILE).read_text())
-    assert isinstance(data, dict)
-    return data
-
-
 def _reseal(root: Path, edit: Callable[[Manifest], None] | None = None) -> None:
     """What an attacker holding a trusted key could do: edit, recompute every checksum, re-sign."""
-    manifest = _manifest(root)
+    manifest = read_manifest(root)
     if edit is not None:
         edit(manifest)
     files = manifest["files"]
@@ -117,14 +105,14 @@ def test_checked_loading_matches_the_plain_loader(candidate: Path) -> None:
 
 
 def test_reports_annex_may_hold_unlisted_reports(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     (root / "reports" / "extra.md").write_text("a report written after validation\n")
     assert B.verify_bundle(root)[0].version == B.read_bundle(candidate).version
 
 
 def test_weights_changed_after_reading_are_refused_at_load(candidate: Path, tmp_path: Path) -> None:
     """The sha256 is checked again on the very bytes parsed (no window between checksum and load)."""
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     bundle = B.read_bundle(root)
     state = _state(root)
     state["head.bias"] = state["head.bias"] + 1.0
@@ -137,7 +125,7 @@ def test_weights_changed_after_reading_are_refused_at_load(candidate: Path, tmp_
 
 
 def test_symlinked_weights_are_refused(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     outside = tmp_path / "outside.safetensors"
     shutil.move(root / WEIGHTS, outside)
     (root / WEIGHTS).symlink_to(outside)  # same bytes: the checksum alone would pass
@@ -145,7 +133,7 @@ def test_symlinked_weights_are_refused(candidate: Path, tmp_path: Path) -> None:
 
 
 def test_symlinked_model_card_is_refused(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     outside = tmp_path / "card.json"
     shutil.move(root / B.MODEL_CARD_FILE, outside)
     (root / B.MODEL_CARD_FILE).symlink_to(outside)
@@ -153,7 +141,7 @@ def test_symlinked_model_card_is_refused(candidate: Path, tmp_path: Path) -> Non
 
 
 def test_symlinked_folder_is_refused(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     shutil.move(root / "weights", tmp_path / "weights")
     (root / "weights").symlink_to(tmp_path / "weights", target_is_directory=True)
     _refused(root, B.SymlinkInBundle, "symlink", "weights is a symbolic link")
@@ -168,14 +156,14 @@ def test_bundle_folder_itself_may_be_a_link(candidate: Path, tmp_path: Path) -> 
 
 @pytest.mark.parametrize("rel", ["evil.py", "weights/member-1.safetensors", "sub/dir/notes.txt"])
 def test_unlisted_file_is_refused(candidate: Path, tmp_path: Path, rel: str) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(root / WEIGHTS, root / rel)
     _refused(root, B.UnlistedFile, "unlisted_file", rel)
 
 
 def test_fifo_in_bundle_is_refused(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     os.mkfifo(root / "reports" / "pipe")
     _refused(root, B.SpecialFile, "special_file", "pipe")
 
@@ -184,7 +172,7 @@ def test_fifo_in_bundle_is_refused(candidate: Path, tmp_path: Path) -> None:
 
 
 def test_invalid_utf8_manifest_is_refused(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     data = (root / B.BUNDLE_FILE).read_bytes()
     (root / B.BUNDLE_FILE).write_bytes(data[:40] + b"\xff\xfe\xc3" + data[40:])
     _refused(root, B.InvalidUtf8, "invalid_utf8", "not valid UTF-8")
@@ -192,13 +180,13 @@ def test_invalid_utf8_manifest_is_refused(candidate: Path, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("content", [b'{"name": ', b'{"a": 1, "a": 2}', b"[1, 2]"])
 def test_invalid_json_manifest_is_refused(candidate: Path, tmp_path: Path, content: bytes) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     (root / B.BUNDLE_FILE).write_bytes(content)
     _refused(root, B.InvalidJson, "invalid_json")
 
 
 def test_deeply_nested_manifest_is_refused_without_recursion(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     depth = 200_000  # far beyond Python's recursion limit
     (root / B.BUNDLE_FILE).write_bytes(b'{"a": ' + b"[" * depth + b"]" * depth + b"}")
     err = _refused(root, B.JsonTooDeep, "json_too_deep", "nested 200001 levels deep; the limit is 32")
@@ -206,7 +194,7 @@ def test_deeply_nested_manifest_is_refused_without_recursion(candidate: Path, tm
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     note = '[[[[{{{{ "quoted" \\ [[[[ ' + "[" * 100  # a quote and a backslash inside, escaped in JSON
     _reseal(root, lambda m: m.update(note=note))
     assert B.json_depth('{"a": "[[[[", "b": [[1]]}') == 3
@@ -214,7 +202,7 @@ def test_brackets_inside_strings_do_not_count_as_nesting(candidate: Path, tmp_pa
 
 
 def test_oversized_manifest_is_refused_with_a_configurable_cap(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     size = (root / B.BUNDLE_FILE).stat().st_size
     tight = B.VerifyLimits(max_manifest_bytes=size - 1)
     with pytest.raises(B.ManifestTooLarge, match=f"{size:,} bytes; the limit is {size - 1:,}") as err:
@@ -227,7 +215,7 @@ def test_oversized_manifest_is_refused_with_a_configurable_cap(candidate: Path, 
 def baseline_peak_kib(candidate: Path, tmp_path_factory: pytest.TempPathFactory) -> int:
     """Peak RSS of the CLI verifying the small valid bundle: the imports (torch, kfp, kserve) and one forward
     pass. A refusal must stay close to it, whatever the installed torch build weighs."""
-    code, _, _, _, peak_kib = _cli(_copy(candidate, tmp_path_factory.mktemp("baseline")))
+    code, _, _, _, peak_kib = _cli(copy_bundle(candidate, tmp_path_factory.mktemp("baseline")))
     assert code == 0
     return peak_kib
 
@@ -235,7 +223,7 @@ def baseline_peak_kib(candidate: Path, tmp_path_factory: pytest.TempPathFactory)
 def test_cli_refuses_a_gigabyte_manifest_without_reading_it(
     candidate: Path, tmp_path: Path, baseline_peak_kib: int
 ) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     with (root / B.BUNDLE_FILE).open("r+b") as f:
         f.truncate(2 * 1024**3)  # sparse: 2 GiB of size, no disk blocks
     code, out, err, seconds, peak_kib = _cli(root)
@@ -263,7 +251,7 @@ def test_parameter_count_is_exact_for_every_architecture() -> None:
 def test_million_wide_architecture_is_refused_before_anything_is_built(
     candidate: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     _reseal(root, lambda m: _arch(m).update(width=10**6))
 
     def never(spec: M.ArchSpec) -> M.VisionClassifier:
@@ -282,7 +270,7 @@ def test_million_wide_architecture_is_refused_before_anything_is_built(
 def test_cli_refuses_a_million_wide_architecture_fast_and_small(
     candidate: Path, tmp_path: Path, baseline_peak_kib: int
 ) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     _reseal(root, lambda m: _arch(m).update(width=10**6))
     code, out, err, seconds, peak_kib = _cli(root)
     assert code == 1 and "REFUSED [param_budget]" in out and "param_budget: " in err
@@ -292,7 +280,7 @@ def test_cli_refuses_a_million_wide_architecture_fast_and_small(
 
 
 def test_too_many_layers_are_refused(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     vit: dict[str, object] = {"name": "vit", "num_classes": 10, "in_channels": 1, "image_size": 28, "patch_size": 4}
     vit.update(hidden_dim=2, num_heads=1, mlp_dim=1, num_layers=10**7)
     _reseal(root, lambda m: _set_arch(m, vit))
@@ -300,7 +288,7 @@ def test_too_many_layers_are_refused(candidate: Path, tmp_path: Path) -> None:
 
 
 def test_quadratic_attention_is_refused_by_the_memory_budget(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     vit: dict[str, object] = {"name": "vit", "num_classes": 10, "in_channels": 1, "image_size": 1024, "patch_size": 1}
     vit.update(hidden_dim=2, num_heads=1, mlp_dim=2, num_layers=1)  # few parameters, 10^12 attention entries
     _reseal(root, lambda m: _set_arch(m, vit))
@@ -329,7 +317,7 @@ class _Boom:
 
 
 def test_pickle_named_safetensors_is_never_loaded(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     boom = _Boom()
     boom.marker = str(tmp_path / "marker")
     (root / WEIGHTS).write_bytes(pickle.dumps({"head.weight": boom}, protocol=4))
@@ -339,7 +327,7 @@ def test_pickle_named_safetensors_is_never_loaded(candidate: Path, tmp_path: Pat
 
 
 def test_torch_save_checkpoint_named_safetensors_is_refused(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     torch.save(_state(root), root / WEIGHTS)
     _reseal(root)
     _refused(root, B.NotSafetensors, "not_safetensors", "zip archive")
@@ -364,14 +352,14 @@ def _edit_state(root: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> 
 def test_weights_that_do_not_fit_the_model_are_refused(
     candidate: Path, tmp_path: Path, edit: Callable[[dict[str, torch.Tensor]], None], match: str
 ) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     _edit_state(root, edit)
     _refused(root, B.WeightsMismatch, "weights_mismatch", match)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_weights_are_refused(candidate: Path, tmp_path: Path, value: float) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
 
     def poison(state: dict[str, torch.Tensor]) -> None:
         state["head.weight"][3, 5] = value
@@ -381,7 +369,7 @@ def test_non_finite_weights_are_refused(candidate: Path, tmp_path: Path, value: 
 
 
 def test_overflowing_weights_are_refused_by_the_forward_pass(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
 
     def huge(state: dict[str, torch.Tensor]) -> None:
         state["head.weight"].fill_(3e38)
@@ -392,8 +380,8 @@ def test_overflowing_weights_are_refused_by_the_forward_pass(candidate: Path, tm
 
 
 def test_model_that_cannot_run_on_the_preprocessed_input_is_refused(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
-    arch = M.ArchSpec.from_dict({**_arch(_manifest(root)), "in_channels": 3})  # but preprocessing gives 1 channel
+    root = copy_bundle(candidate, tmp_path)
+    arch = M.ArchSpec.from_dict({**_arch(read_manifest(root)), "in_channels": 3})  # but preprocessing gives 1 channel
     M.save_weights(M.build_model(arch), root / WEIGHTS)
     _reseal(root, lambda m: _arch(m).update(in_channels=3))
     _refused(root, B.ForwardFailed, "forward_failed", r"blank \(1, 1, 28, 28\) input failed")
@@ -414,7 +402,7 @@ def _header_beyond_file(root: Path) -> None:
 def test_safetensors_header_bomb_is_refused(
     candidate: Path, tmp_path: Path, tamper: Callable[[Path], None], match: str
 ) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     tamper(root)
     _reseal(root)
     _refused(root, B.HeaderTooLarge, "header_too_large", match)
@@ -427,7 +415,7 @@ def test_header_cap_is_configurable(candidate: Path, tmp_path: Path) -> None:
 
 
 def test_truncated_weights_are_refused(candidate: Path, tmp_path: Path) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     data = (root / WEIGHTS).read_bytes()
     (root / WEIGHTS).write_bytes(data[: len(data) - 100])
     _reseal(root)
@@ -440,7 +428,7 @@ def test_truncated_weights_are_refused(candidate: Path, tmp_path: Path) -> None:
 def test_cli_names_the_reason_without_a_traceback(candidate: Path, tmp_path: Path) -> None:
     """One subprocess over three attacks would hide which one failed; the header bomb stands for the weights
     checks (the others run in-process through `main` below)."""
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     _header_bomb(root)
     _reseal(root)
     code, out, err, _, _ = _cli(root)
@@ -465,7 +453,7 @@ def test_validate_bundle_prints_reason_and_exits_1(
     reason: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    root = _copy(candidate, tmp_path)
+    root = copy_bundle(candidate, tmp_path)
     tamper(root)
     assert main(["validate-bundle", str(root)]) == 1
     captured = capsys.readouterr()
