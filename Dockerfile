@@ -16,9 +16,7 @@ WORKDIR /opt/visionpipe
 
 # Dependencies first (cached while only the code changes), then the project itself.
 COPY pyproject.toml README.md ./
-COPY components ./components
-COPY pipelines ./pipelines
-COPY serving ./serving
+COPY visionpipe ./visionpipe
 COPY recipes ./recipes
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" . \
     && useradd --create-home --home-dir /home/visionpipe --uid 10001 --user-group visionpipe
@@ -28,4 +26,4 @@ USER 10001:10001
 EXPOSE 8080
 # KServe's ServingRuntime overrides these arguments (see manifests/common/serving-runtime.yaml);
 # KFP components override the command entirely.
-CMD ["python", "-m", "serving.server", "--model_name=model", "--model_dir=/mnt/models", "--http_port=8080", "--host=0.0.0.0"]
+CMD ["python", "-m", "visionpipe.serving.server", "--model_name=model", "--model_dir=/mnt/models", "--http_port=8080", "--host=0.0.0.0"]

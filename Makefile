@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy components pipelines serving
+	$(VENV)/bin/mypy visionpipe
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -41,7 +41,7 @@ unit: $(STAMP)
 test: lint typecheck unit
 
 # One command to move a dependency: re-resolve the lock, install it, recompile the checked-in IR (the SDK
-# version is written into it), then run `make test` and commit uv.lock with pipelines/compiled/.
+# version is written into it), then run `make test` and commit uv.lock with visionpipe/kfp/compiled/.
 upgrade: $(STAMP)
 	@test -n "$(PACKAGE)" || { echo "usage: make upgrade PACKAGE=<name>   (or PACKAGE=all)"; exit 2; }
 	if [ "$(PACKAGE)" = all ]; then $(UV) lock --upgrade; else $(UV) lock --upgrade-package "$(PACKAGE)"; fi

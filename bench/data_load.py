@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from components.data_fetch import run
-from components.datasets import SPLITS, load_dataset
+from visionpipe.data.datasets import SPLITS, load_dataset
+from visionpipe.phases.data_fetch import run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serving.tta import TTA_MODES
+from visionpipe.serving.tta import TTA_MODES
 
 
 def main(argv: list[str] | None = None) -> int:

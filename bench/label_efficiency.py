@@ -1,4 +1,4 @@
-"""Label efficiency: does domain pretraining (DINO, components/domain_pretrain.py) help with 10% of the labels?
+"""Label efficiency: does domain pretraining (DINO, visionpipe/phases/domain_pretrain.py) help with 10% of the labels?
 
 Protocol (CPU, < 15 min on 2 cores):
   1. data_fetch the MNIST 5k training folder -> Dataset (train 3,500 / val_select / val_calib / val_test 500).
@@ -36,12 +36,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.data_fetch import run as fetch
-from components.datasets import load_dataset
-from components.domain_pretrain import PretrainConfig, make_views
-from components.domain_pretrain import run as pretrain
-from serving.models import ArchSpec, VisionClassifier, build_model, load_pretrained_backbone
-from serving.preprocessing import PreprocessSpec, to_model_input
+from visionpipe.data.datasets import load_dataset
+from visionpipe.phases.data_fetch import run as fetch
+from visionpipe.phases.domain_pretrain import PretrainConfig, make_views
+from visionpipe.phases.domain_pretrain import run as pretrain
+from visionpipe.serving.models import ArchSpec, VisionClassifier, build_model, load_pretrained_backbone
+from visionpipe.serving.preprocessing import PreprocessSpec, to_model_input
 
 TRAIN_DIR = Path("/work/shared/datasets/mnist-5k-train")
 TEST_DIR = Path("/work/shared/datasets/mnist-test-dev")  # final evaluation only

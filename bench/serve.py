@@ -2,7 +2,7 @@
 
 For each TTA mode and each torch thread setting (``--torch-threads``, default ``default,1``: torch's own
 intra-op thread count, i.e. unset, the old behaviour, beside the server's new default of one thread per pool
-worker) the real server (``python -m serving.server``) is started as a subprocess on a free loopback port,
+worker) the real server (``python -m visionpipe.serving.server``) is started as a subprocess on a free loopback port,
 warmed up, and sent ``--requests`` single-image v2 requests (one BYTES input, shape [1], a base64 PNG of a
 val_test digit) at each concurrency of ``--levels`` (default 1, 8, 32) from a thread pool (one keep-alive
 connection per thread). Per-request wall latency (send -> whole answer read) gives p50 / p95 / p99; requests /
@@ -62,7 +62,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from serving.server_util import LOOPBACK, free_port, running_server  # noqa: E402
+from visionpipe.harness import free_port, running_server  # noqa: E402
+from visionpipe.serving.server_util import LOOPBACK  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 DEMO_BUNDLE = OUT / "serve-bundle"
@@ -75,12 +76,12 @@ T = TypeVar("T")
 def build_demo_bundle(root: Path) -> Path:
     """The demo bundle (cached): fetch -> train (full digits-cnn, standard preprocessing) -> sweep -> calibrate ->
     validate, as the `trained` / `candidate` fixtures do."""
-    from components.bundle_validation import Gates
-    from components.bundle_validation import run as validate
-    from components.calibration import run as calibrate
-    from components.recipes import load_recipe
-    from components.supervised_train import run as train
-    from components.threshold_sweep import run as sweep
+    from visionpipe.phases.bundle_validation import Gates
+    from visionpipe.phases.bundle_validation import run as validate
+    from visionpipe.phases.calibration import run as calibrate
+    from visionpipe.phases.supervised_train import run as train
+    from visionpipe.phases.threshold_sweep import run as sweep
+    from visionpipe.training.recipes import load_recipe
 
     if (DEMO_BUNDLE / "bundle.json").is_file():
         return DEMO_BUNDLE
@@ -106,7 +107,7 @@ def build_demo_bundle(root: Path) -> Path:
 
 
 def ensure_dataset() -> Path:
-    from components.data_fetch import run as fetch
+    from visionpipe.phases.data_fetch import run as fetch
 
     if not (DEMO_DATASET / "splits.json").is_file():
         fetch("builtin://sklearn-digits", DEMO_DATASET, seed=0)
@@ -115,7 +116,7 @@ def ensure_dataset() -> Path:
 
 def val_test_pngs(limit: int = 200) -> tuple[list[str], npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
     """base64 PNGs of (up to `limit`) val_test digits, their labels, and the uint8 images."""
-    from components.datasets import load_dataset
+    from visionpipe.data.datasets import load_dataset
 
     split = load_dataset(ensure_dataset()).split("val_test", "evaluate")
     images = np.asarray(split.images[:limit])
@@ -159,10 +160,10 @@ def in_process(bundle: Path, tta: str, pngs: list[str], reps: int, profile: bool
     """Median times (ms) of the model forward and of each predictor hook for one image, without HTTP."""
     from kserve.protocol.infer_type import InferInput, InferRequest
 
-    from serving.predictor import ServeConfig, VisionPredictor, image_to_array
-    from serving.preprocessing import to_model_input
-    from serving.tta import tta_batch
-    from serving.upload import decode_image
+    from visionpipe.serving.predictor import ServeConfig, VisionPredictor, image_to_array
+    from visionpipe.serving.preprocessing import to_model_input
+    from visionpipe.serving.tta import tta_batch
+    from visionpipe.serving.upload import decode_image
 
     predictor = VisionPredictor(MODEL_NAME, [str(bundle)], ServeConfig(tta=tta))
     predictor.load()
@@ -342,7 +343,7 @@ def bench_server(
     argv = [
         sys.executable,
         "-m",
-        "serving.server",
+        "visionpipe.serving.server",
         "--bundle",
         str(bundle),
         "--host",
@@ -381,7 +382,8 @@ def bench_server(
 
 
 def _startup_line(log: str) -> str:
-    """The server's own account of its CPU budget, workers and torch threads (serving/server.py prints it)."""
+    """The server's own account of its CPU budget, workers and torch threads (visionpipe/serving/server.py prints
+    it)."""
     line = next((ln for ln in log.splitlines() if ln.startswith("serving ") and "torch threads" in ln), "")
     return line.split("; ", 1)[-1] if line else "(no startup line)"
 

@@ -19,7 +19,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import matthews_corrcoef
 from sklearn.model_selection import TunedThresholdClassifierCV
 
-from components.threshold_sweep import choose_binary, exact_sweep, parse_objective
+from visionpipe.phases.threshold_sweep import choose_binary, exact_sweep, parse_objective
 
 GRID_POINTS = 5000
 

@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from components import supervised_train as st  # noqa: E402
-from components.recipes import list_recipes, load_recipe  # noqa: E402
-from serving.models import count_parameters  # noqa: E402
+
+from visionpipe.serving.models import count_parameters  # noqa: E402
+from visionpipe.training.recipes import list_recipes, load_recipe  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

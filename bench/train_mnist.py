@@ -20,7 +20,8 @@ in tuning mode). The figure is an ENSEMBLE of --seeds models (mean softmax; --se
 as parallel processes of 1 torch thread each, 2 at a time (on 2 cores this trains ~2x faster than one 2-thread
 process). --weights last (the default) takes each member's final-epoch EMA weights; --weights best the epoch chosen
 on val_select (what the pipeline exports). With --tta 5 / 17 each model's softmax is averaged over shifted (and,
-for 17, rotated and scaled) copies of every image (serving/tta.py, applied to the preprocessed tensors); --tta
+for 17, rotated and scaled) copies of every image (visionpipe/serving/tta.py, applied to the preprocessed tensors);
+--tta
 auto picks the mode by the ensemble's val_select accuracy. All of it is said plainly in the output.
 ``train_seconds`` is the wall time of the training phase (all seeds, including their preprocessing and export);
 the single test-set evaluation is not counted in it. --time-budget caps it: each member stops after the epoch
@@ -53,13 +54,13 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.data_fetch import run as fetch  # noqa: E402
-from components.datasets import load_dataset  # noqa: E402
-from components.recipes import load_recipe, parse_overrides  # noqa: E402
-from components.supervised_train import run as train  # noqa: E402
-from serving.models import ArchSpec, build_model, load_weights  # noqa: E402
-from serving.preprocessing import PreprocessSpec, to_model_input  # noqa: E402
-from serving.tta import TTA_MODES, n_variants, predict_proba_tta  # noqa: E402
+from visionpipe.data.datasets import load_dataset  # noqa: E402
+from visionpipe.phases.data_fetch import run as fetch  # noqa: E402
+from visionpipe.phases.supervised_train import run as train  # noqa: E402
+from visionpipe.serving.models import ArchSpec, build_model, load_weights  # noqa: E402
+from visionpipe.serving.preprocessing import PreprocessSpec, to_model_input  # noqa: E402
+from visionpipe.serving.tta import TTA_MODES, n_variants, predict_proba_tta  # noqa: E402
+from visionpipe.training.recipes import load_recipe, parse_overrides  # noqa: E402
 
 DEFAULT_TRAIN = REPO.parent / "shared" / "datasets" / "mnist-5k-train"
 DEFAULT_TEST = REPO.parent / "shared" / "datasets" / "mnist-test-dev"
@@ -221,7 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tta",
         choices=(*TTA_MODES, "auto"),
         default="17",
-        help="test-time augmentation (serving/tta.py): off, 5, 17, or auto (the best on val_select)",
+        help="test-time augmentation (visionpipe/serving/tta.py): off, 5, 17, or auto (the best on val_select)",
     )
     return parser.parse_args(argv)
 

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from serving import bundle as B
+from visionpipe.serving import bundle as B
 
 Manifest = dict[str, object]
 

@@ -57,7 +57,7 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 @pytest.fixture
 def s3_bucket(s3_env: S3Server) -> str:
     """A fresh bucket on the test server, as an s3:// URI."""
-    from serving import storage
+    from visionpipe.serving import storage
 
     uri = f"s3://vp-{uuid.uuid4().hex[:12]}"
     storage.ensure_bucket(uri)
@@ -75,11 +75,11 @@ def mnist_train_dir() -> Path:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real phase outputs on built-in digits with a tiny training budget: Dataset, model, logits, decisions."""
-    from components.calibration import run as calibrate
-    from components.data_fetch import run as fetch
-    from components.recipes import load_recipe
-    from components.supervised_train import run as train
-    from components.threshold_sweep import run as sweep
+    from visionpipe.phases.calibration import run as calibrate
+    from visionpipe.phases.data_fetch import run as fetch
+    from visionpipe.phases.supervised_train import run as train
+    from visionpipe.phases.threshold_sweep import run as sweep
+    from visionpipe.training.recipes import load_recipe
 
     root = tmp_path_factory.mktemp("trained")
     fetch("builtin://sklearn-digits", root / "ds", seed=0)
@@ -93,8 +93,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def candidate(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A validated bundle (multi-class digits) assembled by bundle_validation from the `trained` outputs."""
-    from components.bundle_validation import Gates
-    from components.bundle_validation import run as validate
+    from visionpipe.phases.bundle_validation import Gates
+    from visionpipe.phases.bundle_validation import run as validate
 
     out = tmp_path_factory.mktemp("candidate") / "bundle"
     validate(
@@ -116,12 +116,12 @@ def binary_candidate(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import numpy as np
     from sklearn.datasets import load_digits
 
-    from components.bundle_validation import run as validate
-    from components.calibration import run as calibrate
-    from components.data_fetch import write_dataset_from_arrays
-    from components.recipes import load_recipe
-    from components.supervised_train import run as train
-    from components.threshold_sweep import run as sweep
+    from visionpipe.phases.bundle_validation import run as validate
+    from visionpipe.phases.calibration import run as calibrate
+    from visionpipe.phases.data_fetch import write_dataset_from_arrays
+    from visionpipe.phases.supervised_train import run as train
+    from visionpipe.phases.threshold_sweep import run as sweep
+    from visionpipe.training.recipes import load_recipe
 
     digits = load_digits()
     keep = np.isin(digits.target, (3, 8))

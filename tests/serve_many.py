@@ -3,7 +3,7 @@
 argv: HTTP_PORT GRPC_PORT JSON, where JSON maps model name -> {"bundles": [uri, ...], "tta": mode,
 "hard_examples": prefix}; the optional key "" holds server settings: {"limits": {InputLimits fields},
 "max_batch", "max_request_pixels", "max_body_bytes", "pool_workers", "max_queue", "torch_threads"}.
-The models share one worker pool, as in `serving.server`.
+The models share one worker pool, as in `visionpipe.serving.server`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,17 @@ from __future__ import annotations
 import json
 import sys
 
-from serving.hard_examples import HardExampleConfig, HardExampleLogger
-from serving.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_PIXELS
-from serving.predictor import ServeConfig, VisionPredictor
-from serving.runtime import WorkerPool, configure_torch_threads, cpu_budget, default_torch_threads
-from serving.server_util import run_model_server
-from serving.upload import InputLimits
+from visionpipe.serving.hard_examples import HardExampleConfig, HardExampleLogger
+from visionpipe.serving.limits import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_REQUEST_PIXELS,
+)
+from visionpipe.serving.predictor import ServeConfig, VisionPredictor
+from visionpipe.serving.runtime import WorkerPool, configure_torch_threads, cpu_budget, default_torch_threads
+from visionpipe.serving.server_util import run_model_server
+from visionpipe.serving.upload import InputLimits
 
 TEST_LIMITS = {"max_bytes": 200_000, "max_side": 512, "max_pixels": 512 * 512}
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.bundle_validation import Gates, ValidationFailed
-from components.bundle_validation import run as validate
-from components.export import ExportError
-from components.export import run as export
-from pipelines.cli import main
-from serving import bundle as B
-from serving import signing, storage
+from visionpipe.cli.main import main
+from visionpipe.phases.bundle_validation import Gates, ValidationFailed
+from visionpipe.phases.bundle_validation import run as validate
+from visionpipe.phases.export import ExportError
+from visionpipe.phases.export import run as export
+from visionpipe.serving import bundle as B
+from visionpipe.serving import signing, storage
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:
@@ -224,8 +224,8 @@ def test_binary_bundle_serves_the_sweep_threshold(binary_candidate: Path) -> Non
 
 
 def test_threshold_at_half_export_keeps_every_decision(binary_candidate: Path, tmp_path: Path) -> None:
-    from components.datasets import load_dataset
-    from serving.calibrators import ThresholdAtHalfCalibrator
+    from visionpipe.data.datasets import load_dataset
+    from visionpipe.serving.calibrators import ThresholdAtHalfCalibrator
 
     result = export(binary_candidate, str(tmp_path / "out"), threshold_at_half=True)
     half = B.read_bundle(result.uri)
@@ -251,7 +251,7 @@ def test_threshold_at_half_refuses_multiclass(candidate: Path, tmp_path: Path) -
 # ------------------------------------------------------------------------------------ export on a Kubeflow cluster
 # A step in a KFP executor pod must not publish to a local path (the pod's disk is deleted with the pod); the
 # signal is the pair of variables the KFP v2 backend puts in every executor pod, plus the kubelet's
-# KUBERNETES_SERVICE_HOST (components/storage.py cites the backend code). kfp.local sets none of them.
+# KUBERNETES_SERVICE_HOST (visionpipe/phases/pod.py cites the backend code). kfp.local sets none of them.
 POD_ENV = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KFP_POD_NAME": "training-abc-export-1", "KFP_POD_UID": "u-1"}
 
 
@@ -266,7 +266,7 @@ POD_ENV = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KFP_POD_NAME": "training-abc
     ],
 )
 def test_in_kfp_pod_signal(env: dict[str, str], in_pod: bool) -> None:
-    from components.storage import in_kfp_pod
+    from visionpipe.phases.pod import in_kfp_pod
 
     assert in_kfp_pod(env) is in_pod
 
@@ -280,7 +280,7 @@ def _pod(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_export_in_a_kfp_pod_refuses_a_local_destination(
     destination: str, candidate: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from components.storage import LocalDestinationOnCluster
+    from visionpipe.phases.pod import LocalDestinationOnCluster
 
     _pod(monkeypatch)
     monkeypatch.chdir(tmp_path)
@@ -295,8 +295,8 @@ def test_export_in_a_kfp_pod_refuses_a_local_destination(
 def test_export_component_in_a_kfp_pod_refuses_first_thing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kfp.dsl import Artifact, Markdown, Model
 
-    from components.export import export as export_component
-    from components.storage import LocalDestinationOnCluster
+    from visionpipe.phases.export import export as export_component
+    from visionpipe.phases.pod import LocalDestinationOnCluster
 
     _pod(monkeypatch)
     artifacts = {
@@ -316,9 +316,9 @@ def test_bundle_writing_steps_in_a_kfp_pod_refuse_without_the_signing_key(
     first thing, naming the Secret, unless VISIONPIPE_SIGNING_KEY is mounted."""
     from kfp.dsl import Artifact, Markdown, Model
 
-    from components.bundle_validation import bundle_validation
-    from components.export import export as export_component
-    from components.storage import SigningKeyMissing, require_signing_key_in_pod
+    from visionpipe.phases.bundle_validation import bundle_validation
+    from visionpipe.phases.export import export as export_component
+    from visionpipe.phases.pod import SigningKeyMissing, require_signing_key_in_pod
 
     _pod(monkeypatch)
     monkeypatch.setenv("S3_ENDPOINT", "http://127.0.0.1:9")
@@ -357,7 +357,7 @@ def test_kfp_local_export_to_a_folder_is_not_affected(
     (KUBERNETES_SERVICE_HOST set, as in a Kubeflow notebook), still publishes to a local folder."""
     from kfp import dsl, local
 
-    from components.export import export as export_component
+    from visionpipe.phases.export import export as export_component
 
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
     for name in ("KFP_POD_NAME", "KFP_POD_UID"):

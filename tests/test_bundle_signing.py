@@ -1,4 +1,5 @@
-"""Bundle signatures (serving/signing.py): tampering, unsigned and untrusted bundles, key rotation, local keys."""
+"""Bundle signatures (visionpipe/serving/signing.py): tampering, unsigned and untrusted bundles, key rotation, local
+keys."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from bundle_copies import Manifest, copy_bundle, read_manifest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pipelines.cli import main
-from serving import bundle as B
-from serving import signing
+from visionpipe.cli.main import main
+from visionpipe.serving import bundle as B
+from visionpipe.serving import signing
 
 
 def _write_manifest(root: Path, manifest: Manifest, key: Ed25519PrivateKey | None) -> None:
@@ -317,17 +318,17 @@ def test_unwritable_config_dir_names_the_fix(tmp_path: Path, monkeypatch: pytest
 
 
 def test_serve_refuses_an_unsigned_bundle_by_name_unless_allowed(candidate: Path, tmp_path: Path) -> None:
-    """`python -m serving.server` (the ServingRuntime's command) refuses with the reason, no traceback; with
+    """`python -m visionpipe.serving.server` (the ServingRuntime's command) refuses with the reason, no traceback; with
     --allow-unsigned the same bundle loads and the server answers ready."""
     import subprocess
     import sys
 
-    from serving.server_util import free_port, running_server
+    from visionpipe.harness import free_port, running_server
 
     root = copy_bundle(candidate, tmp_path)
     (root / B.SIGNATURE_FILE).unlink()
     refused = subprocess.run(
-        [sys.executable, "-m", "serving.server", "--model_dir", str(root), "--http_port", str(free_port())],
+        [sys.executable, "-m", "visionpipe.serving.server", "--model_dir", str(root), "--http_port", str(free_port())],
         capture_output=True,
         text=True,
         timeout=120,
@@ -335,6 +336,6 @@ def test_serve_refuses_an_unsigned_bundle_by_name_unless_allowed(candidate: Path
     assert refused.returncode != 0
     assert "refusing bundle: unsigned:" in refused.stderr and "Traceback" not in refused.stderr
     port = free_port()
-    argv = [sys.executable, "-m", "serving.server", "--model_dir", str(root), "--http_port", str(port)]
+    argv = [sys.executable, "-m", "visionpipe.serving.server", "--model_dir", str(root), "--http_port", str(port)]
     with running_server([*argv, "--allow-unsigned"], port, ready_path="/v2/models/visionpipe/ready", timeout_s=120):
         pass  # running_server waited until the model answered ready

@@ -22,10 +22,10 @@ import torch
 from bundle_copies import Manifest, copy_bundle, read_manifest
 from safetensors.torch import save_file
 
-from pipelines.cli import main
-from serving import bundle as B
-from serving import models as M
-from serving import signing
+from visionpipe.cli.main import main
+from visionpipe.serving import bundle as B
+from visionpipe.serving import models as M
+from visionpipe.serving import signing
 
 WEIGHTS = "weights/member-0.safetensors"
 VISIONPIPE = Path(sys.executable).parent / "visionpipe"

@@ -1,4 +1,5 @@
-"""Tests of serving/calibrators.py, serving/metrics.py, components/conformal.py and components/calibration.py."""
+"""Tests of visionpipe/serving/calibrators.py, visionpipe/serving/metrics.py, visionpipe/phases/conformal.py and
+visionpipe/phases/calibration.py."""
 
 import base64
 import io
@@ -10,20 +11,20 @@ import numpy as np
 import pytest
 from sklearn.metrics import matthews_corrcoef
 
-from components.calibration import HTML_FILE, PLOT_FILE, CalibrationPhaseError, reliability_html
-from components.calibration import run as calibrate_run
-from components.conformal import ConformalError, conformal_quantile, fit_conformal, fit_scrc
-from components.threshold_sweep import load_logits
-from components.threshold_sweep import run as sweep_run
-from serving.calibrators import (
+from visionpipe.phases.calibration import HTML_FILE, PLOT_FILE, CalibrationPhaseError, reliability_html
+from visionpipe.phases.calibration import run as calibrate_run
+from visionpipe.phases.conformal import ConformalError, conformal_quantile, fit_conformal, fit_scrc
+from visionpipe.phases.threshold_sweep import load_logits
+from visionpipe.phases.threshold_sweep import run as sweep_run
+from visionpipe.serving.calibrators import (
     CALIBRATION_METHODS,
     CalibratorError,
     TemperatureCalibrator,
     calibrator_from_dict,
     make_calibrator,
 )
-from serving.metrics import binary_metrics_from_counts, brier, ece, mcc, nll, softmax
-from serving.policies import apply_policy, conformal_sets, policy_from_dict
+from visionpipe.serving.metrics import binary_metrics_from_counts, brier, ece, mcc, nll, softmax
+from visionpipe.serving.policies import apply_policy, conformal_sets, policy_from_dict
 
 
 def _true_logits(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -249,8 +250,8 @@ def test_reliability_html_embeds_the_decodable_diagram_and_the_key_figures(tmp_p
 def test_components_run_under_kfp_local(tmp_path: Path) -> None:
     from kfp import dsl, local
 
-    from components.calibration import calibrate
-    from components.threshold_sweep import threshold_sweep
+    from visionpipe.phases.calibration import calibrate
+    from visionpipe.phases.threshold_sweep import threshold_sweep
 
     logits_dir = _write_logits(tmp_path / "logits", 2, 300, seed=11)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))

@@ -1,4 +1,4 @@
-"""pipelines/canary.py: the kubectl argv of each rollout action, dry-run printing and running."""
+"""visionpipe/cli/canary.py: the kubectl argv of each rollout action, dry-run printing and running."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 from k8s_schema import PLATFORM, merge_patch, render
 from kserve_rules import admit
 
-from pipelines.canary import (
+from visionpipe.cli.canary import (
     CanaryError,
     Target,
     main,

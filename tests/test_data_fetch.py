@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.data_fetch import DataFetchError, run, write_dataset_from_arrays
-from components.datasets import SPLITS, SplitRoleError, load_dataset
-from serving import storage
+from visionpipe.data.datasets import SPLITS, SplitRoleError, load_dataset
+from visionpipe.phases.data_fetch import DataFetchError, run, write_dataset_from_arrays
+from visionpipe.serving import storage
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -1,4 +1,5 @@
-"""components/domain_pretrain.py: DINO/ExPLoRA pretraining runs, does not collapse, writes a loadable backbone."""
+"""visionpipe/phases/domain_pretrain.py: DINO/ExPLoRA pretraining runs, does not collapse, writes a loadable
+backbone."""
 
 import json
 from pathlib import Path
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from components.data_fetch import write_dataset_from_arrays
-from components.domain_pretrain import (
+from visionpipe.phases.data_fetch import write_dataset_from_arrays
+from visionpipe.phases.domain_pretrain import (
     CURVE_FILE,
     SUMMARY_FILE,
     CollapseError,
@@ -18,8 +19,8 @@ from components.domain_pretrain import (
     make_views,
     run,
 )
-from serving.models import ArchSpec, build_model, load_pretrained_backbone
-from serving.preprocessing import PreprocessSpec
+from visionpipe.serving.models import ArchSpec, build_model, load_pretrained_backbone
+from visionpipe.serving.preprocessing import PreprocessSpec
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and other work shares the machine
 
@@ -210,7 +211,7 @@ def test_views_have_model_shape_and_are_seeded() -> None:
 def test_component_compiles(tmp_path: Path) -> None:
     from kfp import compiler
 
-    from components.domain_pretrain import domain_pretrain
+    from visionpipe.phases.domain_pretrain import domain_pretrain
 
     path = tmp_path / "c.yaml"
     compiler.Compiler().compile(domain_pretrain, str(path))

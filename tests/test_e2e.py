@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import main
-from serving import bundle as B
-from serving import storage
+from visionpipe.cli.main import main
+from visionpipe.serving import bundle as B
+from visionpipe.serving import storage
 
 TINY = ['recipe_overrides_json={"epochs": 1, "batch_size": 32}', "bootstrap=20", "model_name=e2e-digits"]
 

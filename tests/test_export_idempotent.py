@@ -1,7 +1,8 @@
 """Export is idempotent: a run killed anywhere is completed by a retry of the same candidate (KFP retries the step).
 
 The crash tests run a SeaweedFS of their own (never the session's `s3_server`), kill it with SIGKILL by PID at a
-chosen export stage (through `components.export.stage_hook`, a test-only callback), start it again on the same data
+chosen export stage (through `visionpipe.phases.export.stage_hook`, a test-only callback), start it again on the same
+data
 folder, ports and credentials, and retry. The other tests use the session server or a local folder.
 """
 
@@ -16,11 +17,11 @@ from pathlib import Path
 import pytest
 from s3server import S3Server, kill_now, seaweedfs
 
-import components.export as export_module
-from components.export import ExportError, ExportResult, ExportStage
-from components.export import run as export
-from serving import bundle as B
-from serving import storage
+import visionpipe.phases.export as export_module
+from visionpipe.phases.export import ExportError, ExportResult, ExportStage
+from visionpipe.phases.export import run as export
+from visionpipe.serving import bundle as B
+from visionpipe.serving import storage
 
 Event = tuple[ExportStage, str]
 
@@ -213,7 +214,7 @@ def test_retry_after_success_is_a_no_op(
 def _last_modified(uri: str) -> dict[str, object]:
     from minio import Minio
 
-    from serving.storage import s3_settings_from_env
+    from visionpipe.serving.storage import s3_settings_from_env
 
     settings = s3_settings_from_env()
     client = Minio(settings.endpoint, settings.access_key, settings.secret_key, secure=settings.secure)

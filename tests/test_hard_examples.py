@@ -17,15 +17,13 @@ import pytest
 from PIL import Image
 from s3server import S3Server
 
-from serving import storage
-from serving.hard_examples import (
+from visionpipe.data.hard_examples import collect_labelled, label_example, list_unlabelled
+from visionpipe.serving import storage
+from visionpipe.serving.hard_examples import (
     HardExampleConfig,
     HardExampleError,
     HardExampleLogger,
-    collect_labelled,
     hard_reason,
-    label_example,
-    list_unlabelled,
     margin_of,
     month_of,
     previous_month,
@@ -257,7 +255,7 @@ def test_log_label_collect_round_trip(prefix: str, tmp_path: Path) -> None:
 
 
 def test_collected_folder_is_read_by_data_fetch(tmp_path: Path) -> None:
-    from components.data_fetch import read_source
+    from visionpipe.phases.data_fetch import read_source
 
     prefix = str(tmp_path / "hard")
     for cls in ("0", "1"):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import kfp_client as kc
-from pipelines.kfp_client import (
+from visionpipe.kfp import client as kc
+from visionpipe.kfp.client import (
     CronError,
     KfpApiError,
     KfpAuthError,

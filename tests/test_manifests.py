@@ -27,7 +27,7 @@ from k8s_schema import (
 )
 from kserve_rules import DEPLOYMENT_MODE, admit
 
-from pipelines import canary
+from visionpipe.cli import canary
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
@@ -123,7 +123,7 @@ def test_base_is_serverless_on_s3_with_the_project_runtime(rendered: dict[str, l
     (runtime,) = of_kind(docs, "ClusterServingRuntime", "visionpipe-runtime")
     (container,) = runtime["spec"]["containers"]  # type: ignore[index]
     assert container["name"] == canary.CANARY_CONTAINER
-    assert container["args"][:2] == ["-m", "serving.server"]
+    assert container["args"][:2] == ["-m", "visionpipe.serving.server"]
     assert "--model_dir=/mnt/models" in container["args"]
     formats = runtime["spec"]["supportedModelFormats"]  # type: ignore[index]
     assert {
@@ -150,7 +150,7 @@ def test_s3_secret_and_service_account(rendered: dict[str, list[Json]]) -> None:
     annotations = secret["metadata"]["annotations"]  # type: ignore[index]
     assert {"serving.kserve.io/s3-endpoint", "serving.kserve.io/s3-usehttps"} <= set(annotations)
     # The pipeline steps mount every key of S3_SECRET_KEYS with optional: false, so the Secret must hold them all.
-    from serving.storage import S3_SECRET, S3_SECRET_KEYS
+    from visionpipe.serving.storage import S3_SECRET, S3_SECRET_KEYS
 
     assert secret["metadata"]["name"] == S3_SECRET  # type: ignore[index]
     assert set(secret["data"]) == set(S3_SECRET_KEYS)  # type: ignore[call-overload]
@@ -196,7 +196,7 @@ def test_shadow_overlay_wires_logger_replayer_and_candidate(rendered: dict[str, 
     assert logger["url"].startswith(f"http://{service['metadata']['name']}")  # type: ignore[index]
     (deployment,) = of_kind(docs, "Deployment", "visionpipe-shadow")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]  # type: ignore[index]
-    assert container["args"][:2] == ["-m", "serving.shadow"]
+    assert container["args"][:2] == ["-m", "visionpipe.rollout.shadow"]
     candidate_url = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--candidate-url="))
     name = candidate["metadata"]["name"]  # type: ignore[index]
     assert candidate_url.startswith(f"http://{name}-predictor/") and f"/v1/models/{name}:predict" in candidate_url
@@ -207,9 +207,9 @@ def test_shadow_overlay_wires_logger_replayer_and_candidate(rendered: dict[str, 
 # --------------------------------------------------------------------------------------------- conventions
 def export_layout() -> re.Pattern[str]:
     """The storageUri of a published bundle, derived from the code that names it: export writes
-    <destination>/<model_name>/<version>/ (components/export.py) and the version is
-    created.strftime(FORMAT) + "-" + recipe_hash[:N] (components/bundle_validation.py)."""
-    source = (ROOT / "components" / "bundle_validation.py").read_text()
+    <destination>/<model_name>/<version>/ (visionpipe/phases/export.py) and the version is
+    created.strftime(FORMAT) + "-" + recipe_hash[:N] (visionpipe/phases/bundle_validation.py)."""
+    source = (ROOT / "visionpipe" / "phases" / "bundle_validation.py").read_text()
     found = re.search(r'strftime\("([^"]+)"\)\s*\+\s*"-"\s*\+\s*recipe_hash\[:(\d+)\]', source)
     assert found, "bundle_validation.py no longer builds the version as strftime(...) + '-' + recipe_hash[:n]"
     widths = {"Y": 4, "m": 2, "d": 2, "H": 2, "M": 2, "S": 2}
@@ -218,12 +218,12 @@ def export_layout() -> re.Pattern[str]:
         for part in re.split(r"(%[YmdHMS])", found[1])
         if part
     )
-    version += rf"-[0-9a-f]{{{found[2]}}}"  # recipe_hash: a sha256 hex digest (components/recipes.py)
+    version += rf"-[0-9a-f]{{{found[2]}}}"  # recipe_hash: a sha256 hex digest (visionpipe/training/recipes.py)
     return re.compile(rf"^s3://[^/]+/(?:.+/)?{re.escape(canary.DEFAULT_NAME)}/{version}/?$")
 
 
 def test_the_layout_pattern_matches_what_the_code_names() -> None:
-    from components.recipes import load_recipe, recipe_hash
+    from visionpipe.training.recipes import load_recipe, recipe_hash
 
     layout = export_layout()
     version = (
@@ -259,8 +259,8 @@ def test_one_inference_service_name_everywhere(rendered: dict[str, list[Json]]) 
     canary.register(parser.add_subparsers(dest="command"))
     assert parser.parse_args(["canary", "status"]).name == canary.DEFAULT_NAME
 
-    from pipelines.monthly_retrain import monthly_retrain_pipeline
-    from pipelines.training import training_pipeline
+    from visionpipe.kfp.monthly import monthly_retrain_pipeline
+    from visionpipe.kfp.training import training_pipeline
 
     for pipeline in (training_pipeline, monthly_retrain_pipeline):
         model_name = inspect.signature(getattr(pipeline, "pipeline_func", pipeline)).parameters["model_name"].default
@@ -272,7 +272,7 @@ def test_one_inference_service_name_everywhere(rendered: dict[str, list[Json]]) 
     signature = inspect.signature(getattr(monthly_retrain_pipeline, "pipeline_func", monthly_retrain_pipeline))
     default = signature.parameters["isvc_name"].default
     assert default == canary.DEFAULT_NAME, (
-        f"pipelines/monthly_retrain.py: isvc_name defaults to {default!r}, but the InferenceService in manifests/ "
+        f"visionpipe/kfp/monthly.py: isvc_name defaults to {default!r}, but the InferenceService in manifests/ "
         f"is {canary.DEFAULT_NAME!r} (the project decision: the pipeline helper changes this default to 'digits')"
     )
 

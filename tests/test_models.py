@@ -1,4 +1,4 @@
-"""serving/models.py: the model zoo builds, trains, round-trips through safetensors and loads backbones."""
+"""visionpipe/serving/models.py: the model zoo builds, trains, round-trips through safetensors and loads backbones."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from serving.models import (
+from visionpipe.serving.models import (
     ARCHITECTURES,
     ArchSpec,
     ArchSpecError,

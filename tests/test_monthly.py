@@ -13,7 +13,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from components.monthly import (
+from visionpipe.kfp.local import run_pipeline
+from visionpipe.kfp.monthly import monthly_retrain_pipeline
+from visionpipe.phases.monthly import (
     MonthlyError,
     canary_patch,
     champion_backbone,
@@ -22,11 +24,9 @@ from components.monthly import (
     resolve_month,
     start_canary_patch,
 )
-from pipelines.local import run_pipeline
-from pipelines.monthly_retrain import monthly_retrain_pipeline
-from serving import bundle as B
-from serving import storage
-from serving.models import build_model, load_pretrained_backbone
+from visionpipe.serving import bundle as B
+from visionpipe.serving import storage
+from visionpipe.serving.models import build_model, load_pretrained_backbone
 
 MONTH = "2026-10"
 
@@ -70,7 +70,7 @@ def test_canary_patch_body() -> None:
 @pytest.mark.parametrize(("kserve_mode", "cli_mode"), [("Knative", "serverless"), ("Standard", "standard")])
 def test_canary_patch_equals_the_cli_patch(kserve_mode: str, cli_mode: str) -> None:
     """The monthly step and `visionpipe canary start` write the same patch for the same mode."""
-    from pipelines.canary import start_patch
+    from visionpipe.cli.canary import start_patch
 
     assert canary_patch(CANDIDATE, 10, kserve_mode) == start_patch(cli_mode, CANDIDATE, 10)
     if kserve_mode == "Standard":
@@ -147,7 +147,7 @@ def _png(img: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def month_prefix(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A month of new digits (from the champion's Dataset train split) + labelled hard examples, on disk."""
-    from components.datasets import load_dataset
+    from visionpipe.data.datasets import load_dataset
 
     ds = load_dataset(trained / "ds")
     train = ds.split("train", "fit")

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.datasets import load_dataset
-from serving import bundle as B
-from serving.server_util import ServerProcess, free_port, running_server
+from visionpipe.data.datasets import load_dataset
+from visionpipe.harness import ServerProcess, free_port, running_server
+from visionpipe.serving import bundle as B
 
 tritonhttp = pytest.importorskip("tritonclient.http")
 tritonutils = pytest.importorskip("tritonclient.utils")

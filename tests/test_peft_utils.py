@@ -1,4 +1,4 @@
-"""components/peft_utils.py: LoRA / DoRA freeze the base, train adapters + head, and merge exactly."""
+"""visionpipe/training/peft.py: LoRA / DoRA freeze the base, train adapters + head, and merge exactly."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from components.peft_utils import (
+from visionpipe.serving.models import ARCHITECTURES, ArchSpec, VisionClassifier, build_model, transformer_blocks
+from visionpipe.training.peft import (
     PeftError,
     PeftSpec,
     apply_peft,
@@ -14,7 +15,6 @@ from components.peft_utils import (
     merge_peft,
     trainable_summary,
 )
-from serving.models import ARCHITECTURES, ArchSpec, VisionClassifier, build_model, transformer_blocks
 
 torch.set_num_threads(2)
 

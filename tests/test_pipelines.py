@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components._kfp import BASE_IMAGE
-from pipelines.cli import main
-from pipelines.compile import (
+from visionpipe.cli.main import main
+from visionpipe.kfp.compile import (
     COMPILED_DIR,
     PIPELINES,
     ImageRefError,
@@ -21,9 +20,10 @@ from pipelines.compile import (
     set_executor_images,
     stale_pipelines,
 )
-from pipelines.local import ParameterError, parse_parameters
-from pipelines.monthly_retrain import monthly_retrain_pipeline
-from pipelines.training import S3_SECRET, S3_SECRET_KEYS, training_pipeline
+from visionpipe.kfp.local import ParameterError, parse_parameters
+from visionpipe.kfp.monthly import monthly_retrain_pipeline
+from visionpipe.kfp.platform import BASE_IMAGE
+from visionpipe.kfp.training import S3_SECRET, S3_SECRET_KEYS, training_pipeline
 
 DIGEST_REF = "registry.example.com/visionpipe@sha256:" + "0123456789abcdef" * 4
 FUNCTIONS: dict[str, Callable[..., object]] = {
@@ -69,7 +69,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Documents]:
 
 def test_checked_in_compiled_yaml_is_current() -> None:
     stale = stale_pipelines()
-    assert not stale, "pipelines/compiled is stale; run `visionpipe compile`:\n" + "\n".join(stale.values())
+    assert not stale, "visionpipe/kfp/compiled is stale; run `visionpipe compile`:\n" + "\n".join(stale.values())
 
 
 def test_compile_check_detects_a_stale_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -268,7 +268,7 @@ def test_every_s3_step_mounts_the_secret_not_optional(compiled: dict[str, Docume
     }
     assert {e.removeprefix("exec-").rstrip("-0123456789") for e in s3_executors} == S3_COMPONENTS[name]
     assert s3_executors <= set(k8s_executors)
-    from components.storage import SIGNING_SECRET, SIGNING_SECRET_KEYS
+    from visionpipe.phases.pod import SIGNING_SECRET, SIGNING_SECRET_KEYS
 
     expected = {S3_SECRET: S3_SECRET_KEYS, SIGNING_SECRET: SIGNING_SECRET_KEYS}
     signing = set()

@@ -1,4 +1,4 @@
-"""Tests of serving/policies.py: validation, JSON round trips, decisions, conformal sets."""
+"""Tests of visionpipe/serving/policies.py: validation, JSON round trips, decisions, conformal sets."""
 
 import itertools
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from serving.policies import (
+from visionpipe.serving.policies import (
     ConformalConfig,
     HybridPolicy,
     PolicyError,

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.datasets import load_dataset
-from serving import bundle as B
-from serving.predictor import EnsembleError, VisionPredictor
-from serving.preprocessing import PreprocessSpec
-from serving.server_util import ServerProcess, free_port, running_server
+from visionpipe.data.datasets import load_dataset
+from visionpipe.harness import ServerProcess, free_port, running_server
+from visionpipe.serving import bundle as B
+from visionpipe.serving.predictor import EnsembleError, VisionPredictor
+from visionpipe.serving.preprocessing import PreprocessSpec
 
 tritonhttp = pytest.importorskip("tritonclient.http")
 

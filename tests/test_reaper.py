@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.reaper import TOKEN_ENV, processes_with_token
+from visionpipe.kfp.reaper import TOKEN_ENV, processes_with_token
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_grandchildren_die_when_the_parent_is_sigkilled(tmp_path: Path) -> None:
             f"""
             import subprocess, sys, time
             sys.path.insert(0, {str(ROOT)!r})
-            from pipelines.reaper import guard_descendants
+            from visionpipe.kfp.reaper import guard_descendants
             guard_descendants()
             children = [subprocess.Popen(["sh", "-c", "sleep 300; echo done"]) for _ in range(2)]
             print(" ".join(str(c.pid) for c in children), flush=True)

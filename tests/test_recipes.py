@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import recipes as rc
-from components.recipes import Recipe, RecipeError, load_recipe, recipe_hash
+from visionpipe.training import recipes as rc
+from visionpipe.training.recipes import Recipe, RecipeError, load_recipe, recipe_hash
 
 REQUIRED = ("digits-cnn", "digits-resnet18", "roadwork-vit-dora", "roadwork-dinov2-lora")
 
@@ -49,9 +49,9 @@ def test_roadwork_recipes_select_by_mcc_on_rgb() -> None:
 
 
 def test_allowed_sets_mirror_the_runtime() -> None:
-    from components.peft_utils import METHODS
-    from serving.models import ARCHITECTURES
-    from serving.preprocessing import KINDS
+    from visionpipe.serving.models import ARCHITECTURES
+    from visionpipe.serving.preprocessing import KINDS
+    from visionpipe.training.peft import METHODS
 
     assert rc.ARCH_NAMES == ARCHITECTURES
     assert rc.PREPROCESS_KINDS == KINDS
@@ -60,8 +60,8 @@ def test_allowed_sets_mirror_the_runtime() -> None:
 
 def test_shipped_peft_targets_exist_in_the_models() -> None:
     """The target modules a shipped recipe names match modules of its (tiny) architecture."""
-    from components.peft_utils import PeftSpec, apply_peft
-    from serving.models import ArchSpec, build_model
+    from visionpipe.serving.models import ArchSpec, build_model
+    from visionpipe.training.peft import PeftSpec, apply_peft
 
     for name in ("roadwork-vit-dora", "roadwork-dinov2-lora"):
         recipe = load_recipe(name)

@@ -2,8 +2,9 @@
 malformed tensors are named 4xx answers that keep the connection, refusals are logged as one line, and the
 CPU budget comes from the cgroup quota.
 
-The integration tests run KServe's real ModelServer (tests/serve_many.py -> serving.server_util) on
-127.0.0.1 with the default limits (serving/limits.py), two pool workers and a queue of one; clients are httpx,
+The integration tests run KServe's real ModelServer (tests/serve_many.py -> visionpipe.serving.server_util) on
+127.0.0.1 with the default limits (visionpipe/serving/limits.py), two pool workers and a queue of one; clients are
+httpx,
 http.client (to check the keep-alive socket) and tritonclient.grpc (in a subprocess: it registers the same
 protobuf names as kserve)."""
 
@@ -31,15 +32,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving import limits as L
-from serving.runtime import (
+from visionpipe.harness import ServerProcess, free_port, running_server
+from visionpipe.serving import limits as L
+from visionpipe.serving.runtime import (
     Overloaded,
     WorkerPool,
     cgroup_cpu_limit,
     cpu_budget,
     default_torch_threads,
 )
-from serving.server_util import ServerProcess, free_port, log_refusal, running_server
+from visionpipe.serving.server_util import log_refusal
 
 MODEL = "limits"
 POOL_WORKERS = 2

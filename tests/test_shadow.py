@@ -1,7 +1,8 @@
-"""serving/shadow.py: the shadow replayer, against real KServe ModelServers on loopback.
+"""visionpipe/rollout/shadow.py: the shadow replayer, against real KServe ModelServers on loopback.
 
 Run as a script, this file serves two trivial kserve.Models (label = (sum of the instance + offset) mod 10):
-``agree`` (offset 0, like the primary) and ``disagree`` (offset 1), with serving.server_util.run_model_server.
+``agree`` (offset 0, like the primary) and ``disagree`` (offset 1), with
+visionpipe.serving.server_util.run_model_server.
 The tests start that ModelServer and two replayers (one per candidate model) as subprocesses on free loopback
 ports, stopped by PID.
 """
@@ -21,8 +22,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.server_util import ServerProcess, free_port, running_server, start_server
-from serving.shadow import (
+from visionpipe.harness import ServerProcess, free_port, running_server, start_server
+from visionpipe.rollout.shadow import (
     REQUEST_TYPE,
     RESPONSE_TYPE,
     CloudEvent,
@@ -94,7 +95,14 @@ def model_server_argv(port: int) -> list[str]:
 
 def replayer_argv(port: int, candidate_port: int, model: str) -> list[str]:
     url = f"http://127.0.0.1:{candidate_port}/v1/models/{model}:predict"
-    return [sys.executable, "-m", "serving.shadow", f"--candidate-url={url}", f"--port={port}", "--workers=2"]
+    return [
+        sys.executable,
+        "-m",
+        "visionpipe.rollout.shadow",
+        f"--candidate-url={url}",
+        f"--port={port}",
+        "--workers=2",
+    ]
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -190,7 +198,7 @@ def test_replayer_refuses_non_cloudevents(servers: dict[str, ServerProcess]) -> 
 
 def test_replayer_binds_loopback_by_default() -> None:
     port = free_port()
-    argv = [sys.executable, "-m", "serving.shadow", "--candidate-url=http://127.0.0.1:9/x", f"--port={port}"]
+    argv = [sys.executable, "-m", "visionpipe.rollout.shadow", "--candidate-url=http://127.0.0.1:9/x", f"--port={port}"]
     with running_server(argv, port, ready_path="/healthz", timeout_s=30.0) as server:
         assert httpx.get(f"{server.base_url}/healthz").json() == {"status": "ok"}
         assert_listens_on_loopback_only(port)
@@ -311,7 +319,7 @@ def test_config_validation(field: str, value: object) -> None:
 def _serve_fixed_label_model(argv: list[str]) -> None:
     import kserve
 
-    from serving.server_util import run_model_server
+    from visionpipe.serving.server_util import run_model_server
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--http_port", type=int, required=True)

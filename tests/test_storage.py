@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from s3server import S3Server
 
-from serving import storage
+from visionpipe.serving import storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -202,10 +202,10 @@ def test_components_refuse_first_thing_without_s3_settings(monkeypatch: pytest.M
     """Each component body checks its s3:// parameters before touching any input or output."""
     from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
-    from components.bundle_validation import bundle_validation
-    from components.data_fetch import data_fetch
-    from components.export import export
-    from components.supervised_train import supervised_train
+    from visionpipe.phases.bundle_validation import bundle_validation
+    from visionpipe.phases.data_fetch import data_fetch
+    from visionpipe.phases.export import export
+    from visionpipe.phases.supervised_train import supervised_train
 
     for name in S3_VARS:
         monkeypatch.delenv(name, raising=False)
@@ -252,9 +252,9 @@ def test_components_refuse_first_thing_without_s3_settings(monkeypatch: pytest.M
 
 
 def test_core_entry_points_refuse_without_s3_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from components.data_fetch import run as fetch
-    from components.export import run as export
-    from serving.bundle import read_bundle
+    from visionpipe.phases.data_fetch import run as fetch
+    from visionpipe.phases.export import run as export
+    from visionpipe.serving.bundle import read_bundle
 
     for name in S3_VARS:
         monkeypatch.delenv(name, raising=False)
@@ -351,7 +351,7 @@ def test_endpoint_that_is_not_s3_is_named(
 def test_malformed_endpoint_gets_its_own_message(
     endpoint: str, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pipelines.cli import main
+    from visionpipe.cli.main import main
 
     monkeypatch.setenv("S3_ENDPOINT", endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")

@@ -1,5 +1,6 @@
 """The published layout, end to end on a real S3 server (SeaweedFS): export -> the canary's storageUri -> KServe's own
-storage-initializer code downloads it -> ``python -m serving.server --model_dir`` serves it on loopback -> every
+storage-initializer code downloads it -> ``python -m visionpipe.serving.server --model_dir`` serves it on loopback ->
+every
 val_test answer equals the validated one.
 
 KServe's storage initializer is `kserve_storage.Storage.download_files` (the container's entry point,
@@ -29,16 +30,16 @@ import pytest
 from PIL import Image
 from s3server import S3Server
 
-from components.datasets import load_dataset
-from components.export import ExportResult
-from components.export import run as export
-from components.monthly import canary_patch
-from components.threshold_sweep import load_logits
-from pipelines.canary import Target, start_argv
-from serving import bundle as B
-from serving import metrics as M
-from serving import storage
-from serving.server_util import free_port, running_server
+from visionpipe.cli.canary import Target, start_argv
+from visionpipe.data.datasets import load_dataset
+from visionpipe.harness import free_port, running_server
+from visionpipe.phases.export import ExportResult
+from visionpipe.phases.export import run as export
+from visionpipe.phases.monthly import canary_patch
+from visionpipe.phases.threshold_sweep import load_logits
+from visionpipe.serving import bundle as B
+from visionpipe.serving import metrics as M
+from visionpipe.serving import storage
 
 S3_ENV = ("S3_ENDPOINT", "S3_USE_HTTPS", "S3_VERIFY_SSL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID")
 S3_ENV_ALL = (*S3_ENV, "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION", "awsAnonymousCredential")
@@ -173,7 +174,7 @@ def test_kserve_storage_initializer_downloads_what_export_published(
     assert downloaded == _published_files(uri)  # exactly this bundle: not the `-half` sibling's files
     assert B.read_bundle(out).manifest == B.read_bundle(candidate).manifest
     port = free_port()
-    argv = [sys.executable, "-m", "serving.server", "--model_dir", str(out), "--model_name", "digits"]
+    argv = [sys.executable, "-m", "visionpipe.serving.server", "--model_dir", str(out), "--model_name", "digits"]
     images = load_dataset(trained / "ds").split("val_test", "evaluate").images
     _assert_validated(_served_answers([*argv, f"--http_port={port}"], port, images), candidate, trained)
 
@@ -217,7 +218,16 @@ def test_predictor_serves_the_canary_storage_uri_like_the_validated_bundle(
     result, _ = published
     uri = _canary_storage_uri(result)
     port = free_port()
-    argv = [sys.executable, "-m", "serving.server", "--bundle", uri, "--model_name", "digits", f"--http_port={port}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "visionpipe.serving.server",
+        "--bundle",
+        uri,
+        "--model_name",
+        "digits",
+        f"--http_port={port}",
+    ]
     images = load_dataset(trained / "ds").split("val_test", "evaluate").images
     answers = _served_answers(argv, port, images, {**_bare_env(), **s3_server.env()})
     _assert_validated(answers, candidate, trained)

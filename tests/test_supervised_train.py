@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from components import supervised_train as st
-from components.data_fetch import write_dataset_from_arrays
-from components.datasets import load_dataset
-from components.recipes import LossSpec, Recipe, RecipeError, load_recipe, recipe_hash
-from serving.models import ArchSpec, build_model, load_weights
-from serving.preprocessing import PreprocessSpec, to_model_input
-from serving.storage import StorageError
+from visionpipe.data.datasets import load_dataset
+from visionpipe.phases import supervised_train as st
+from visionpipe.phases.data_fetch import write_dataset_from_arrays
+from visionpipe.serving.models import ArchSpec, build_model, load_weights
+from visionpipe.serving.preprocessing import PreprocessSpec, to_model_input
+from visionpipe.serving.storage import StorageError
+from visionpipe.training.recipes import LossSpec, Recipe, RecipeError, load_recipe, recipe_hash
 
 TINY = {
     "epochs": 3,
@@ -207,7 +207,7 @@ def test_a_retry_on_a_fresh_disk_resumes_from_the_checkpoint_mirror(
     dataset: Path, tmp_path: Path, where: str, request: pytest.FixtureRequest
 ) -> None:
     """On a cluster a retried pod gets an empty disk: the checkpoint mirrored to checkpoint_uri carries the run."""
-    from serving import storage
+    from visionpipe.serving import storage
 
     remote = storage.join(request.getfixturevalue("s3_bucket"), "ckpt/task") if where == "s3" else str(tmp_path / "m")
     recipe = tiny_recipe(epochs=3, ema={"enabled": True, "decay": 0.9})
@@ -423,7 +423,7 @@ def test_component_runs_under_kfp_local_and_a_retry_resumes(
     With checkpoint_uri the checkpoint is mirrored to S3 during the run and the mirror is removed at the end."""
     from kfp import dsl, local
 
-    from serving import storage
+    from visionpipe.serving import storage
 
     mirror = storage.join(request.getfixturevalue("s3_bucket"), "checkpoints") if mirrored else ""
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))

@@ -1,4 +1,4 @@
-"""Tests of components/threshold_sweep.py: exactness of the sweep, objectives, degenerate inputs, outputs."""
+"""Tests of visionpipe/phases/threshold_sweep.py: exactness of the sweep, objectives, degenerate inputs, outputs."""
 
 import base64
 import io
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import matthews_corrcoef
 
-from components.threshold_sweep import (
+from visionpipe.phases.threshold_sweep import (
     HTML_FILE,
     PLOT_FILE,
     ObjectiveInfeasibleError,
@@ -24,8 +24,8 @@ from components.threshold_sweep import (
     run,
     sweep_html,
 )
-from serving.metrics import binary_metrics_from_counts, mcc, softmax
-from serving.policies import apply_policy, policy_from_dict
+from visionpipe.serving.metrics import binary_metrics_from_counts, mcc, softmax
+from visionpipe.serving.policies import apply_policy, policy_from_dict
 
 
 def _binary_data(seed: int, n: int, decimals: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,11 +1,11 @@
-"""serving/tta.py: test-time augmentation variants and probability averaging."""
+"""visionpipe/serving/tta.py: test-time augmentation variants and probability averaging."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from serving.tta import (
+from visionpipe.serving.tta import (
     TTA_MODES,
     TTAError,
     average_tta,

@@ -1,4 +1,4 @@
-"""serving/upload.py: safe decoding with input limits, and MNIST-style normalisation of digit photos."""
+"""visionpipe/serving/upload.py: safe decoding with input limits, and MNIST-style normalisation of digit photos."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy.typing as npt
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from serving.upload import (
+from visionpipe.serving.upload import (
     EmptyImageError,
     ImageTooLargeError,
     InputError,

@@ -1,0 +1,546 @@
+"""Phase 1, data_fetch: read labelled images from a source, split them leakage-free, write a Dataset artifact.
+
+Sources:
+  * ``builtin://sklearn-digits`` — scikit-learn's 1,797 8x8 grey digits, shipped inside scikit-learn (no
+    download); the embedded default.
+  * an image folder laid out as ``<class_name>/<image file>`` (png / jpg / jpeg), on a local path or under
+    ``s3://bucket/prefix`` (read through `visionpipe.serving.storage`, credentials from the environment).
+
+Class names are sorted; the class index is the position in that order. Splits are stratified and seeded;
+images with identical content (same pixel hash) form one group that is never cut across two splits.
+"""
+
+# No `from __future__ import annotations` here: KFP reads the component signature at import time.
+
+import io
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from kfp.dsl import Dataset, Markdown, Output
+
+from visionpipe.data.datasets import (
+    FORMAT,
+    SPLITS,
+    Int64Array,
+    UInt8Array,
+    content_hash,
+    fingerprint_of,
+    write_json,
+)
+from visionpipe.kfp.platform import component
+
+BUILTIN_DIGITS = "builtin://sklearn-digits"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Largest source image accepted, read from the file header before decoding: 40 megapixels is far above any
+# training photo, and a larger file (or a decompression bomb) is excluded as a bad file instead of killing the step.
+MAX_SOURCE_PIXELS = 40_000_000
+DEFAULT_RATIOS = (0.7, 0.1, 0.1, 0.1)
+
+
+class DataFetchError(ValueError):
+    """The source cannot become a usable Dataset; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Validated data_fetch parameters."""
+
+    ratios: tuple[float, float, float, float] = DEFAULT_RATIOS
+    seed: int = 0
+    positive_class: str = ""
+    image_size: int = 0
+    min_per_class_per_split: int = 1
+    max_bad_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        if len(self.ratios) != len(SPLITS):
+            raise DataFetchError(f"ratios needs {len(SPLITS)} values ({', '.join(SPLITS)}), got {self.ratios}")
+        for name, r in zip(SPLITS, self.ratios, strict=True):
+            if not r > 0:
+                raise DataFetchError(f"ratio for {name} is {r}; every split ratio must be > 0")
+        if not math.isclose(sum(self.ratios), 1.0, abs_tol=1e-6):
+            raise DataFetchError(f"split ratios {self.ratios} sum to {sum(self.ratios):.6g}; they must sum to 1")
+        if self.image_size < 0 or self.image_size > 4096:
+            raise DataFetchError(f"image_size={self.image_size}: use 0 (keep native size) or 1..4096 pixels")
+        if self.min_per_class_per_split < 1:
+            raise DataFetchError(f"min_per_class_per_split={self.min_per_class_per_split} must be >= 1")
+        if not 0 <= self.max_bad_fraction < 1:
+            raise DataFetchError(f"max_bad_fraction={self.max_bad_fraction} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class RawItem:
+    """One decoded image with its class name and a stable id (relative path or builtin index)."""
+
+    item_id: str
+    class_name: str
+    image: UInt8Array
+
+
+@dataclass
+class FetchResult:
+    """What data_fetch wrote, and the numbers the summary shows."""
+
+    out_dir: Path
+    classes: list[str]
+    positive_class: str | None
+    num_images: int
+    class_counts: dict[str, dict[str, int]]
+    bad_files: list[dict[str, str]] = field(default_factory=list)
+    duplicate_groups: int = 0
+    label_conflicts: list[dict[str, object]] = field(default_factory=list)
+    summary_markdown: str = ""
+
+
+# --------------------------------------------------------------------------------------------------- core
+
+
+def run(
+    source: str,
+    out_dir: Path,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    seed: int = 0,
+    positive_class: str = "",
+    image_size: int = 0,
+    min_per_class_per_split: int = 1,
+    max_bad_fraction: float = 0.05,
+) -> FetchResult:
+    """Fetch `source`, split it, and write the Dataset artifact to `out_dir`."""
+    config = FetchConfig(
+        ratios=_four(ratios),
+        seed=seed,
+        positive_class=positive_class,
+        image_size=image_size,
+        min_per_class_per_split=min_per_class_per_split,
+        max_bad_fraction=max_bad_fraction,
+    )
+    items, bad = read_source(source, config.image_size)
+    _check_bad_share(source, len(items), bad, config.max_bad_fraction)
+    notes = _empty_class_notes(source, items, bad)
+    classes = sorted({it.class_name for it in items})
+    _check_classes(source, classes, config.positive_class)
+    label_of = {name: i for i, name in enumerate(classes)}
+    images, channels_note = _stack(items)
+    labels = np.asarray([label_of[it.class_name] for it in items], dtype=np.int64)
+    return write_dataset_from_arrays(
+        out_dir,
+        images,
+        labels,
+        classes,
+        [it.item_id for it in items],
+        ratios=config.ratios,
+        seed=config.seed,
+        positive_class=config.positive_class or None,
+        min_per_class_per_split=config.min_per_class_per_split,
+        source=source,
+        bad_files=bad,
+        notes=[*notes, channels_note] if channels_note else notes,
+        max_conflict_fraction=config.max_bad_fraction,
+    )
+
+
+def write_dataset_from_arrays(
+    out_dir: Path,
+    images: UInt8Array,
+    labels: Int64Array,
+    classes: list[str],
+    ids: list[str],
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    seed: int = 0,
+    positive_class: str | None = None,
+    min_per_class_per_split: int = 1,
+    source: str = "arrays://",
+    bad_files: list[dict[str, str]] | None = None,
+    notes: list[str] | None = None,
+    max_conflict_fraction: float = 1.0,
+) -> FetchResult:
+    """Split in-memory images (uint8 N,H,W,C) and write them as a Dataset artifact (also used by tests).
+
+    Identical images that carry different labels are reported (summary and report.json) and fail the step when
+    they make up more than `max_conflict_fraction` of the images (data_fetch passes its max_bad_fraction)."""
+    config = FetchConfig(ratios=_four(ratios), seed=seed, min_per_class_per_split=min_per_class_per_split)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels) or len(ids) != len(labels):
+        raise DataFetchError("images must be uint8 (N,H,W,C) with one label and one id per image")
+    _check_classes(source, sorted(classes), positive_class or "")
+    hashes = [content_hash(img) for img in images]
+    conflicts = label_conflicts(hashes, labels, classes, ids)
+    _check_conflict_share(source, len(labels), conflicts, max_conflict_fraction)
+    assignment, duplicate_groups = assign_splits(hashes, labels, config.ratios, config.seed)
+    split_indices = {s: np.flatnonzero(assignment == k) for k, s in enumerate(SPLITS)}
+    class_counts = _class_counts(split_indices, labels, classes)
+    _check_enough_per_split(class_counts, config.min_per_class_per_split)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / "images.npy", np.ascontiguousarray(images))
+    np.save(out_dir / "labels.npy", labels.astype(np.int64))
+    _, h, w, c = images.shape
+    write_json(
+        out_dir / "dataset.json",
+        {
+            "format": FORMAT,
+            "source": source,
+            "classes": list(classes),
+            "positive_class": positive_class,
+            "height": int(h),
+            "width": int(w),
+            "channels": int(c),
+            "num_images": len(labels),
+            "ids": list(ids),
+            "hashes": hashes,
+            "fingerprint": fingerprint_of(hashes),
+        },
+    )
+    write_json(out_dir / "splits.json", _splits_payload(split_indices, hashes, ids, class_counts, config))
+    write_json(
+        out_dir / "report.json",
+        {"bad_files": bad_files or [], "duplicate_groups": duplicate_groups, "label_conflicts": conflicts},
+    )
+    result = FetchResult(
+        out_dir=out_dir,
+        classes=list(classes),
+        positive_class=positive_class,
+        num_images=len(labels),
+        class_counts=class_counts,
+        bad_files=bad_files or [],
+        duplicate_groups=duplicate_groups,
+        label_conflicts=conflicts,
+    )
+    result.summary_markdown = render_summary(result, source, notes or [])
+    (out_dir / "summary.md").write_text(result.summary_markdown)
+    return result
+
+
+def assign_splits(
+    hashes: Sequence[str], labels: Int64Array, ratios: Sequence[float], seed: int
+) -> tuple[Int64Array, int]:
+    """Stratified, seeded, duplicate-aware split assignment: index into SPLITS for every image.
+
+    Images with the same content hash form a group that goes to one split as a whole. Within each class
+    (a group's class is its most common label), groups are ordered by hash (independent of file order),
+    shuffled with `seed`, and cut at the cumulative ratio boundaries, counted in images.
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, h in enumerate(hashes):
+        groups[h].append(i)
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for h, members in groups.items():
+        by_class[Counter(int(labels[i]) for i in members).most_common(1)[0][0]].append(h)
+    assignment = np.full(len(hashes), -1, dtype=np.int64)
+    bounds = np.cumsum(np.asarray(ratios, dtype=np.float64))
+    for cls in sorted(by_class):
+        ordered = sorted(by_class[cls])
+        rng = np.random.default_rng([seed, cls])
+        order = rng.permutation(len(ordered))
+        total = sum(len(groups[h]) for h in ordered)
+        seen = 0
+        for pos in order:
+            members = groups[ordered[pos]]
+            # Place the group by the position of its midpoint along the class's cumulative image count.
+            mid = (seen + len(members) / 2) / total
+            k = int(np.searchsorted(bounds, mid, side="right"))
+            assignment[members] = min(k, len(SPLITS) - 1)
+            seen += len(members)
+    duplicate_groups = sum(1 for members in groups.values() if len(members) > 1)
+    return assignment, duplicate_groups
+
+
+def render_summary(result: FetchResult, source: str, notes: list[str]) -> str:
+    """Markdown: class counts per split, excluded files, duplicates."""
+    lines = [
+        "## Dataset",
+        "",
+        f"Source `{source}`: {result.num_images} images, {len(result.classes)} classes"
+        + (f", positive class `{result.positive_class}`" if result.positive_class else "")
+        + ".",
+        "",
+        "| class | " + " | ".join(SPLITS) + " | total |",
+        "|---|" + "---:|" * (len(SPLITS) + 1),
+    ]
+    for name in result.classes:
+        row = [result.class_counts[s][name] for s in SPLITS]
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + f" | {sum(row)} |")
+    totals = [sum(result.class_counts[s].values()) for s in SPLITS]
+    lines.append("| **total** | " + " | ".join(str(v) for v in totals) + f" | {sum(totals)} |")
+    lines.append("")
+    lines.append(f"Duplicate-content groups kept inside one split: {result.duplicate_groups}.")
+    if result.bad_files:
+        lines.append(f"Excluded {len(result.bad_files)} unreadable or non-image files (see report.json):")
+        lines.extend(f"- `{b['file']}`: {b['reason']}" for b in result.bad_files[:20])
+    if result.label_conflicts:
+        count = sum(len(_as_str_list(c["ids"])) for c in result.label_conflicts)
+        lines.append(
+            f"Identical images with conflicting labels: {len(result.label_conflicts)} groups, {count} images "
+            "(kept, each group in one split; fix their labels):"
+        )
+        for c in result.label_conflicts[:20]:
+            pairs = zip(_as_str_list(c["ids"]), _as_str_list(c["labels"]), strict=True)
+            lines.append("- " + ", ".join(f"`{i}` ({label})" for i, label in pairs))
+    lines.extend(notes)
+    return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------------- sources
+
+
+def read_source(source: str, image_size: int) -> tuple[list[RawItem], list[dict[str, str]]]:
+    """Decode every image of `source`; returns the items and the files that had to be excluded."""
+    if source.startswith("builtin://"):
+        if source != BUILTIN_DIGITS:
+            raise DataFetchError(f"unknown built-in data set {source!r}; available: {BUILTIN_DIGITS}")
+        return _sklearn_digits(image_size), []
+    return _image_folder(source, image_size)
+
+
+def _sklearn_digits(image_size: int) -> list[RawItem]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    items = []
+    for i, (img, target) in enumerate(zip(pixels, digits.target, strict=True)):
+        arr = _resize(img[..., None], image_size)
+        items.append(RawItem(item_id=f"sklearn-digits/{i:04d}", class_name=str(int(target)), image=arr))
+    return items
+
+
+def _image_folder(source: str, image_size: int) -> tuple[list[RawItem], list[dict[str, str]]]:
+    from visionpipe.serving import storage
+
+    items: list[RawItem] = []
+    bad: list[dict[str, str]] = []
+    files = list(class_files(source, storage.list_uris))
+    if not files:
+        raise DataFetchError(
+            f"no files found under {source}; expected an image folder laid out as <class_name>/<image file>"
+        )
+    for class_name, rel, uri in files:
+        if not rel.lower().endswith(IMAGE_SUFFIXES):
+            bad.append({"file": rel, "reason": f"not an image file (allowed: {', '.join(IMAGE_SUFFIXES)})"})
+            continue
+        try:
+            image = _decode(storage.read_bytes(uri))
+        except ValueError as exc:
+            bad.append({"file": rel, "reason": str(exc)})
+            continue
+        items.append(RawItem(item_id=rel, class_name=class_name, image=_resize(image, image_size)))
+    return items, bad
+
+
+def class_files(source: str, list_uris: Callable[[str], list[str]]) -> Iterator[tuple[str, str, str]]:
+    """(class_name, relative path, uri) for every file exactly one folder below `source`."""
+    root = source.rstrip("/")
+    for uri in sorted(list_uris(root)):
+        rel = uri[len(root) :].lstrip("/")
+        parts = rel.split("/")
+        if len(parts) == 2 and parts[0] and parts[1] and not parts[1].startswith("."):
+            yield parts[0], rel, uri
+
+
+def _decode(data: bytes) -> UInt8Array:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            width, height = img.size
+            if width * height > MAX_SOURCE_PIXELS:
+                raise ValueError(f"image too large: {width}x{height} pixels > {MAX_SOURCE_PIXELS} allowed")
+            img.load()
+            mode = "L" if img.mode in ("1", "L", "I", "I;16", "F") or img.mode.startswith("I;") else "RGB"
+            if img.mode == "LA":
+                mode = "L"
+            arr = np.asarray(img.convert(mode), dtype=np.uint8)
+    except UnidentifiedImageError as exc:
+        raise ValueError("not a decodable image") from exc
+    except Image.DecompressionBombError as exc:  # Image.open refuses > 2x Image.MAX_IMAGE_PIXELS itself
+        raise ValueError(f"image too large (decompression bomb: {exc})") from exc
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"unreadable image ({exc})") from exc
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _resize(image: UInt8Array, size: int) -> UInt8Array:
+    if size == 0 or image.shape[:2] == (size, size):
+        return image
+    from PIL import Image
+
+    mode = "L" if image.shape[2] == 1 else "RGB"
+    pil = Image.fromarray(image[..., 0] if mode == "L" else image, mode=mode)
+    out = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return out[..., None] if out.ndim == 2 else out
+
+
+def _stack(items: list[RawItem]) -> tuple[UInt8Array, str]:
+    """One uint8 (N,H,W,C) array; grey images are promoted to RGB when the source mixes both."""
+    shapes = Counter(it.image.shape[:2] for it in items)
+    if len(shapes) > 1:
+        listing = ", ".join(f"{h}x{w} ({n} images)" for (h, w), n in shapes.most_common(5))
+        raise DataFetchError(f"images have different sizes ({listing}); set image_size to resize them all to one size")
+    channels = {it.image.shape[2] for it in items}
+    if channels == {1}:
+        return np.stack([it.image for it in items]), ""
+    images = np.stack([np.repeat(it.image, 3, axis=2) if it.image.shape[2] == 1 else it.image for it in items])
+    note = "Grey and colour images were mixed; grey images were stored as RGB." if len(channels) > 1 else ""
+    return images, note
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def _check_bad_share(source: str, good: int, bad: list[dict[str, str]], max_bad_fraction: float) -> None:
+    total = good + len(bad)
+    if good == 0:
+        raise DataFetchError(f"{source} holds no readable images ({len(bad)} files excluded): nothing to train on")
+    if len(bad) / total > max_bad_fraction:
+        examples = "; ".join(f"{b['file']}: {b['reason']}" for b in bad[:5])
+        raise DataFetchError(
+            f"{len(bad)} of {total} files under {source} are unreadable or not images "
+            f"({len(bad) / total:.1%} > max_bad_fraction={max_bad_fraction:.1%}); e.g. {examples}. "
+            "Remove or fix them, or raise max_bad_fraction."
+        )
+
+
+def label_conflicts(
+    hashes: Sequence[str], labels: Int64Array, classes: Sequence[str], ids: Sequence[str]
+) -> list[dict[str, object]]:
+    """Groups of identical images (same content hash) whose labels differ: ids and class names, by hash."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, h in enumerate(hashes):
+        groups[h].append(i)
+    return [
+        {"hash": h, "ids": [ids[i] for i in members], "labels": [classes[int(labels[i])] for i in members]}
+        for h, members in sorted(groups.items())
+        if len({int(labels[i]) for i in members}) > 1
+    ]
+
+
+def _check_conflict_share(source: str, total: int, conflicts: list[dict[str, object]], limit: float) -> None:
+    count = sum(len(_as_str_list(c["ids"])) for c in conflicts)
+    if total and count / total > limit:
+        example = ", ".join(f"{i}" for i in _as_str_list(conflicts[0]["ids"])[:4])
+        raise DataFetchError(
+            f"{count} of {total} images under {source} are identical copies with conflicting labels "
+            f"({count / total:.1%} > max_bad_fraction={limit:.1%}); e.g. {example}. "
+            "Fix the labels or remove the copies, or raise max_bad_fraction."
+        )
+
+
+def _as_str_list(value: object) -> list[str]:
+    assert isinstance(value, list)
+    return [str(v) for v in value]
+
+
+def _empty_class_notes(source: str, items: Sequence[RawItem], bad: Sequence[dict[str, str]]) -> list[str]:
+    """A note for every class folder that holds no readable image (empty, or only bad files)."""
+    if source.startswith("builtin://"):
+        return []
+    from visionpipe.serving import storage
+
+    folders = {b["file"].split("/")[0] for b in bad if "/" in b["file"]}
+    root = Path(source[len("file://") :] if source.startswith("file://") else source)
+    if not storage.is_s3(source) and root.is_dir():
+        folders |= {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    empty = sorted(folders - {it.class_name for it in items})
+    return [f"Class folder `{name}/` holds no readable image and was left out of the classes." for name in empty]
+
+
+def _check_classes(source: str, classes: list[str], positive_class: str) -> None:
+    if len(classes) < 2:
+        found = classes[0] if classes else "none"
+        raise DataFetchError(f"{source} has a single class ({found}); a classifier needs at least two class folders")
+    if positive_class and positive_class not in classes:
+        raise DataFetchError(f"positive_class={positive_class!r} is not a class; classes are {classes}")
+
+
+def _class_counts(
+    split_indices: dict[str, Int64Array], labels: Int64Array, classes: list[str]
+) -> dict[str, dict[str, int]]:
+    return {
+        s: {name: int(np.sum(labels[idx] == k)) for k, name in enumerate(classes)} for s, idx in split_indices.items()
+    }
+
+
+def _check_enough_per_split(class_counts: dict[str, dict[str, int]], minimum: int) -> None:
+    short = [f"{name} in {s} ({n})" for s, counts in class_counts.items() for name, n in counts.items() if n < minimum]
+    if short:
+        raise DataFetchError(
+            f"too few images per class per split (need >= {minimum}): {', '.join(short[:10])}. "
+            "Add images to those classes, or change the split ratios."
+        )
+
+
+def _splits_payload(
+    split_indices: dict[str, Int64Array],
+    hashes: list[str],
+    ids: list[str],
+    class_counts: dict[str, dict[str, int]],
+    config: FetchConfig,
+) -> dict[str, object]:
+    splits: dict[str, object] = {}
+    for s, idx in split_indices.items():
+        member_hashes = sorted({hashes[i] for i in idx})
+        splits[s] = {
+            "indices": [int(i) for i in idx],
+            "ids": [ids[i] for i in idx],
+            "count": len(idx),
+            "class_counts": class_counts[s],
+            "fingerprint": fingerprint_of(member_hashes),
+            "hashes": member_hashes,
+        }
+    return {"seed": config.seed, "ratios": dict(zip(SPLITS, config.ratios, strict=True)), "splits": splits}
+
+
+def _four(ratios: Sequence[float]) -> tuple[float, float, float, float]:
+    values = tuple(float(r) for r in ratios)
+    if len(values) != 4:
+        raise DataFetchError(f"ratios needs 4 values ({', '.join(SPLITS)}), got {len(values)}")
+    return values[0], values[1], values[2], values[3]
+
+
+# ------------------------------------------------------------------------------------------ component
+
+
+@component
+def data_fetch(
+    dataset: Output[Dataset],
+    summary: Output[Markdown],
+    source: str = "builtin://sklearn-digits",
+    train_ratio: float = 0.7,
+    val_select_ratio: float = 0.1,
+    val_calib_ratio: float = 0.1,
+    val_test_ratio: float = 0.1,
+    seed: int = 0,
+    positive_class: str = "",
+    image_size: int = 0,
+    min_per_class_per_split: int = 1,
+    max_bad_fraction: float = 0.05,
+) -> None:
+    """Read labelled images (builtin://sklearn-digits, or a local / s3:// folder of <class>/<image>),
+    split them into train / val_select / val_calib / val_test (stratified, seeded, duplicates kept
+    together), and write the Dataset artifact with its splits.json and a class-count summary."""
+    from visionpipe.phases.pod import require_s3_credentials
+
+    require_s3_credentials(source)  # first thing: no S3 settings -> fail naming the Secret, before any work
+
+    from pathlib import Path
+
+    from visionpipe.phases.data_fetch import run
+
+    result = run(
+        source,
+        Path(dataset.path),
+        ratios=(train_ratio, val_select_ratio, val_calib_ratio, val_test_ratio),
+        seed=seed,
+        positive_class=positive_class,
+        image_size=image_size,
+        min_per_class_per_split=min_per_class_per_split,
+        max_bad_fraction=max_bad_fraction,
+    )
+    dataset.metadata.update({"num_images": result.num_images, "classes": result.classes})
+    Path(summary.path).write_text(result.summary_markdown)
+    print(result.summary_markdown)

@@ -1,0 +1,147 @@
+"""Serve bundles with KServe's ModelServer: ``python -m visionpipe.serving.server`` (the container entry point).
+
+Binds 127.0.0.1 unless `--host` says otherwise (the ServingRuntime passes ``--host=0.0.0.0`` inside a pod).
+`--model_dir` is where KServe's storage initializer puts the bundle (``/mnt/models``); `--bundle` takes any
+bundle URI instead (local folder or s3://, repeatable for an ensemble).
+
+Work per request is bounded before it is done, each limit a flag with a named refusal (HTTP 400 / gRPC
+INVALID_ARGUMENT unless noted): `--max_body_bytes` (413 ``body_too_large``; gRPC RESOURCE_EXHAUSTED),
+`--max_batch` (``batch_too_large``, counted before any image is looked at), `--max_bytes` per encoded image
+(``too_many_bytes``), `--max_side` and `--max_pixels` per image (``image_too_large``, from the header, before
+decoding), `--max_request_pixels` summed over a request's images (``request_too_many_pixels``, from the
+headers, before decoding). Decoding and inference run on `--pool_workers` threads (default: the CPU budget,
+from the cgroup quota and the CPU affinity) with at most `--max_queue` more requests waiting (beyond that:
+503 ``overloaded`` / UNAVAILABLE); torch uses `--torch_threads` intra-op threads (default: the CPU budget
+shared out among the workers, i.e. 1 with the default workers; 0 leaves torch's own default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+from visionpipe.serving.bundle import BundleError
+from visionpipe.serving.limits import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_REQUEST_PIXELS,
+    DEFAULT_MAX_SIDE,
+)
+from visionpipe.serving.server_util import LOOPBACK, run_model_server
+from visionpipe.serving.tta import TTA_MODES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m visionpipe.serving.server", description=__doc__)
+    add_serve_arguments(parser)
+    parser.add_argument("--model_dir", default="", help="KServe storage-initializer folder (e.g. /mnt/models)")
+    return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", action="append", default=[], help="bundle URI (repeat for an ensemble)")
+    parser.add_argument("--model_name", "--model-name", dest="model_name", default="visionpipe")
+    parser.add_argument("--host", default=os.environ.get("VISIONPIPE_HOST", LOOPBACK), help="bind address")
+    parser.add_argument("--http_port", "--port", dest="http_port", type=int, default=8080)
+    parser.add_argument("--grpc_port", "--grpc-port", dest="grpc_port", type=int, default=0, help="0 = no gRPC")
+    parser.add_argument("--tta", choices=TTA_MODES, default="off", help="test-time augmentation variants")
+    parser.add_argument(
+        "--allow-unsigned",
+        "--allow_unsigned",
+        dest="allow_unsigned",
+        action="store_true",
+        help="serve bundles without a trusted signature (a bad signature is still refused)",
+    )
+    limits = parser.add_argument_group("limits (each refusal is a named 4xx)")
+    _int_flag(limits, "max_batch", DEFAULT_MAX_BATCH, "images per request (batch_too_large)")
+    _int_flag(limits, "max_bytes", DEFAULT_MAX_BYTES, "bytes per encoded image (too_many_bytes)")
+    _int_flag(limits, "max_side", DEFAULT_MAX_SIDE, "longest image side in pixels (image_too_large)")
+    _int_flag(limits, "max_pixels", DEFAULT_MAX_PIXELS, "pixels per image, from its header (image_too_large)")
+    _int_flag(
+        limits,
+        "max_request_pixels",
+        DEFAULT_MAX_REQUEST_PIXELS,
+        "pixels per request, all images (request_too_many_pixels)",
+    )
+    _int_flag(
+        limits,
+        "max_body_bytes",
+        DEFAULT_MAX_BODY_BYTES,
+        "request body bytes, REST and gRPC (413 body_too_large / RESOURCE_EXHAUSTED)",
+    )
+    pool = parser.add_argument_group("worker pool")
+    _int_flag(
+        pool, "pool_workers", None, "decode/inference threads (default: the CPU budget: cgroup quota and CPU affinity)"
+    )
+    _int_flag(
+        pool, "max_queue", DEFAULT_MAX_QUEUE, "requests waiting for a worker beyond which 503 overloaded is answered"
+    )
+    _int_flag(
+        pool,
+        "torch_threads",
+        None,
+        "torch intra-op threads (default: CPU budget / workers, at least 1; 0: torch's own default)",
+    )
+
+
+def _int_flag(group: argparse._ArgumentGroup, name: str, default: int | None, help_text: str) -> None:
+    """An integer option under both spellings KServe's own flags use: --max_batch and --max-batch."""
+    group.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=int, default=default, help=help_text)
+
+
+def serve(args: argparse.Namespace, bundles: Sequence[str]) -> None:
+    from visionpipe.serving.hard_examples import HardExampleConfig, HardExampleLogger
+    from visionpipe.serving.predictor import ServeConfig, VisionPredictor
+    from visionpipe.serving.runtime import WorkerPool, configure_torch_threads, cpu_budget, default_torch_threads
+    from visionpipe.serving.upload import InputLimits
+
+    limits = InputLimits(max_bytes=args.max_bytes, max_side=args.max_side, max_pixels=args.max_pixels)
+    config = ServeConfig(
+        tta=args.tta,
+        limits=limits,
+        max_batch=args.max_batch,
+        max_request_pixels=args.max_request_pixels,
+        allow_unsigned=args.allow_unsigned,
+    )
+    if args.torch_threads is not None and args.torch_threads < 0:
+        raise SystemExit(f"--torch_threads={args.torch_threads} must be >= 0 (0: torch's own default)")
+    budget = cpu_budget()
+    pool = WorkerPool(args.pool_workers or budget, args.max_queue)
+    threads = default_torch_threads(pool.workers, budget) if args.torch_threads is None else args.torch_threads
+    torch_threads = configure_torch_threads(threads)
+    hard = HardExampleConfig.from_env()  # VISIONPIPE_HARD_EXAMPLES=s3://bucket/prefix turns logging on
+    predictor = VisionPredictor(
+        args.model_name, list(bundles), config, HardExampleLogger(hard) if hard else None, pool=pool
+    )
+    try:
+        predictor.load()  # ready only once every bundle verified
+    except BundleError as exc:  # a named refusal, not a traceback
+        raise SystemExit(f"python -m visionpipe.serving.server: refusing bundle: {exc.reason}: {exc}") from None
+    print(
+        f"serving {args.model_name} ({predictor.ensemble_version}) on http://{args.host}:{args.http_port}; "
+        f"cpu budget {budget}, {pool.workers} workers, queue {pool.max_queue}, torch threads {torch_threads}",
+        flush=True,
+    )
+    run_model_server(
+        [predictor],
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port or None,
+        max_body_bytes=args.max_body_bytes,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    bundles = args.bundle or ([args.model_dir] if args.model_dir else [])
+    if not bundles:
+        raise SystemExit("python -m visionpipe.serving.server: give --bundle URI (or --model_dir)")
+    serve(args, bundles)
+
+
+if __name__ == "__main__":
+    main()
