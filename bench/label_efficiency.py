@@ -38,10 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from visionpipe.data.datasets import load_dataset
 from visionpipe.phases.data_fetch import run as fetch
-from visionpipe.phases.domain_pretrain import PretrainConfig, make_views
+from visionpipe.phases.domain_pretrain import make_views
 from visionpipe.phases.domain_pretrain import run as pretrain
-from visionpipe.serving.models import ArchSpec, VisionClassifier, build_model, load_pretrained_backbone
-from visionpipe.serving.preprocessing import PreprocessSpec, to_model_input
+from visionpipe.serving.models import VisionClassifier, build_model, load_pretrained_backbone
+from visionpipe.serving.preprocessing import to_model_input
+from visionpipe.specs import ArchSpec, PreprocessSpec
+from visionpipe.training.pretrain_config import PretrainConfig
 
 TRAIN_DIR = Path("/work/shared/datasets/mnist-5k-train")
 TEST_DIR = Path("/work/shared/datasets/mnist-test-dev")  # final evaluation only

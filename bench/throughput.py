@@ -23,9 +23,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components import supervised_train as st  # noqa: E402
-
 from visionpipe.serving.models import count_parameters  # noqa: E402
+from visionpipe.specs.resolve import resolve_arch, resolve_preprocess  # noqa: E402
+from visionpipe.training import augment as aug  # noqa: E402
+from visionpipe.training.loop import build_trainable_model, make_optimizer, training_memory_format  # noqa: E402
+from visionpipe.training.losses import soft_targets, weighted_loss  # noqa: E402
 from visionpipe.training.recipes import list_recipes, load_recipe  # noqa: E402
 
 
@@ -51,23 +53,23 @@ def main(argv: list[str] | None = None) -> int:
 def measure(name: str, steps: int, max_batch: int, num_classes: int) -> str:
     recipe = load_recipe(name)
     classes = num_classes or (10 if name.startswith("digits") else 2)
-    preprocess = st.resolve_preprocess(recipe, 1 if recipe.preprocess.channels in (0, 1) else 3)
-    arch = st.resolve_arch(recipe, classes, preprocess)
-    memory_format = st.training_memory_format(arch)
-    model = st.build_trainable_model(recipe, arch, None).to(memory_format=memory_format)
-    optimizer = st.make_optimizer(model, recipe)
+    preprocess = resolve_preprocess(recipe, 1 if recipe.preprocess.channels in (0, 1) else 3)
+    arch = resolve_arch(recipe, classes, preprocess)
+    memory_format = training_memory_format(arch)
+    model = build_trainable_model(recipe, arch, None).to(memory_format=memory_format)
+    optimizer = make_optimizer(model, recipe)
     batch = min(recipe.batch_size, max_batch)
     x = torch.randn(batch, preprocess.channels, preprocess.size, preprocess.size)
     y = torch.arange(batch) % classes
     weights = torch.ones(classes)
-    fill = st._black_level(preprocess)
+    fill = aug.black_level(preprocess)
     rng = np.random.default_rng(0)
 
     def step() -> None:
-        xb = st.augment(x, recipe, rng, fill)
-        xb, targets = st.mix(xb, st._soft_targets(y, classes, recipe.loss.label_smoothing), recipe, rng)
+        xb = aug.augment(x, recipe.augment, rng, fill)
+        xb, targets = aug.mix(xb, soft_targets(y, classes, recipe.loss.label_smoothing), recipe.augment, rng)
         xb = xb.contiguous(memory_format=memory_format)
-        loss = st.weighted_loss(model(xb).float(), targets, weights, recipe.loss)
+        loss = weighted_loss(model(xb).float(), targets, weights, recipe.loss)
         torch.autograd.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

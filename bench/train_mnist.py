@@ -57,9 +57,10 @@ sys.path.insert(0, str(REPO))
 from visionpipe.data.datasets import load_dataset  # noqa: E402
 from visionpipe.phases.data_fetch import run as fetch  # noqa: E402
 from visionpipe.phases.supervised_train import run as train  # noqa: E402
-from visionpipe.serving.models import ArchSpec, build_model, load_weights  # noqa: E402
-from visionpipe.serving.preprocessing import PreprocessSpec, to_model_input  # noqa: E402
+from visionpipe.serving.models import build_model, load_weights  # noqa: E402
+from visionpipe.serving.preprocessing import to_model_input  # noqa: E402
 from visionpipe.serving.tta import TTA_MODES, n_variants, predict_proba_tta  # noqa: E402
+from visionpipe.specs import ArchSpec, PreprocessSpec  # noqa: E402
 from visionpipe.training.recipes import load_recipe, parse_overrides  # noqa: E402
 
 DEFAULT_TRAIN = REPO.parent / "shared" / "datasets" / "mnist-5k-train"

@@ -133,7 +133,7 @@ def binary_candidate(tmp_path_factory: pytest.TempPathFactory) -> Path:
     recipe = load_recipe("digits-cnn", {"epochs": 2, "preprocess": {"kind": "standard"}})
     train(root / "ds", root / "model", root / "logits", recipe, root / "ckpt", log=lambda _msg: None)
     sweep(root / "logits", root / "thr", objective="mcc", bootstrap=50)
-    calibrate(root / "logits", root / "thr", root / "cal", method="platt")
+    calibrate(root / "logits", root / "thr", root / "cal", calibration_method="platt")
     out = root / "bundle"
     validate(root / "ds", root / "model", root / "logits", root / "cal", out, root / "thr", name="eights")
     return out

@@ -223,16 +223,42 @@ def test_binary_bundle_serves_the_sweep_threshold(binary_candidate: Path) -> Non
     assert threshold["space"] == "calibrated" and 0 < threshold["threshold"] < 1
 
 
-def test_threshold_at_half_export_keeps_every_decision(binary_candidate: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def half_candidate(binary_candidate: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The binary candidate's inputs validated with threshold_at_half: the bundle export publishes unchanged."""
+    root = binary_candidate.parent
+    out = tmp_path_factory.mktemp("half") / "bundle"
+    validate(
+        root / "ds",
+        root / "model",
+        root / "logits",
+        root / "cal",
+        out,
+        root / "thr",
+        name="eights",
+        threshold_at_half=True,
+    )
+    return out
+
+
+def test_threshold_at_half_export_keeps_every_decision(
+    binary_candidate: Path, half_candidate: Path, tmp_path: Path
+) -> None:
     from visionpipe.data.datasets import load_dataset
     from visionpipe.serving.calibrators import ThresholdAtHalfCalibrator
 
-    result = export(binary_candidate, str(tmp_path / "out"), threshold_at_half=True)
+    result = export(half_candidate, str(tmp_path / "out"))
     half = B.read_bundle(result.uri)
     original = B.read_bundle(binary_candidate)
-    assert half.version == original.version + "-half" and result.uri.endswith("-half")
+    # The half bundle is assembled by bundle_validation from the same fitted calibrator and threshold as the
+    # original (validated on its own, hence another timestamp in its version): "<base version>-half".
+    derived = half.manifest["threshold_at_half"]
+    assert isinstance(derived, dict)
+    assert half.version == str(derived["base_version"]) + "-half" and result.uri.endswith("-half")
+    assert half.version.split("-")[-2] == original.version.split("-")[-1]  # the same recipe hash
     assert isinstance(half.calibrator, ThresholdAtHalfCalibrator)
     t = half.calibrator.threshold
+    assert derived["threshold"] == t
     images = load_dataset(binary_candidate.parent / "ds").split("val_test", "evaluate").images
     a, b = B.BundleModel(original).predict_images(images), B.BundleModel(half).predict_images(images)
     pos = original.classes.index("eight")
@@ -243,9 +269,54 @@ def test_threshold_at_half_export_keeps_every_decision(binary_candidate: Path, t
     assert np.all(np.diff(b.calibrated_probs[order, pos]) >= -1e-12)  # monotone remap
 
 
-def test_threshold_at_half_refuses_multiclass(candidate: Path, tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match="needs a binary bundle"):
-        export(candidate, str(tmp_path / "out"), threshold_at_half=True)
+def test_threshold_at_half_bundle_is_published_as_validated(
+    binary_candidate: Path, half_candidate: Path, tmp_path: Path
+) -> None:
+    """served = validated: the bundle bundle_validation checked and signed is the one export publishes, byte for
+    byte; it passes the full verifying load, and its served decisions and metrics are the validated ones."""
+    from visionpipe.data.datasets import load_dataset
+    from visionpipe.phases.bundle_validation import split_metrics
+    from visionpipe.serving import metrics as M
+
+    result = export(half_candidate, str(tmp_path / "out"))
+    published = Path(result.uri)
+    validated = {p.relative_to(half_candidate): p.read_bytes() for p in half_candidate.rglob("*") if p.is_file()}
+    assert {p.relative_to(published): p.read_bytes() for p in published.rglob("*") if p.is_file()} == validated
+    bundle = B.read_bundle(result.uri)  # the verifying load: schema, fields, checksums, signature, policy
+    assert bundle.manifest == B.read_bundle(half_candidate).manifest
+    policy = bundle.policy.to_dict()
+    assert policy["kind"] == "threshold" and policy["threshold"] == 0.5 and policy["space"] == "calibrated"
+    report = (published / "reports" / "validation.md").read_text()
+    assert "Bundle validation: PASSED" in report and "| threshold_at_half | pass |" in report
+    root = binary_candidate.parent
+    runtime = B.BundleModel(bundle)
+    reported = bundle.manifest["metrics"]
+    assert isinstance(reported, dict)
+    for split in ("val_calib", "val_test"):
+        data = load_dataset(root / "ds").split(split, "evaluate")
+        served = runtime.predict_images(data.images)
+        with np.load(root / "logits" / f"{split}.npz") as npz:
+            validated_decisions = runtime.decide(M.log_softmax(np.asarray(npz["logits"], dtype=np.float64)))
+        np.testing.assert_array_equal(served.decisions.labels, validated_decisions.decisions.labels)
+        served_metrics = split_metrics(served, data.labels)
+        for key in ("accuracy", "coverage", "mcc"):
+            assert served_metrics[key] == pytest.approx(reported[split][key], abs=1e-9)
+
+
+def test_threshold_at_half_refuses_multiclass(trained: Path, tmp_path: Path) -> None:
+    from visionpipe.phases.bundle_validation import ThresholdAtHalfError
+
+    with pytest.raises(ThresholdAtHalfError, match="needs a binary bundle"):
+        validate(
+            trained / "ds",
+            trained / "model",
+            trained / "logits",
+            trained / "cal",
+            tmp_path / "bundle",
+            threshold_dir=trained / "thr",
+            threshold_at_half=True,
+        )
+    assert not (tmp_path / "bundle").exists()  # refused before anything is written
 
 
 # ------------------------------------------------------------------------------------ export on a Kubeflow cluster
@@ -295,7 +366,7 @@ def test_export_in_a_kfp_pod_refuses_a_local_destination(
 def test_export_component_in_a_kfp_pod_refuses_first_thing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kfp.dsl import Artifact, Markdown, Model
 
-    from visionpipe.phases.export import export as export_component
+    from visionpipe.kfp.components.export import export as export_component
     from visionpipe.phases.pod import LocalDestinationOnCluster
 
     _pod(monkeypatch)
@@ -316,8 +387,8 @@ def test_bundle_writing_steps_in_a_kfp_pod_refuse_without_the_signing_key(
     first thing, naming the Secret, unless VISIONPIPE_SIGNING_KEY is mounted."""
     from kfp.dsl import Artifact, Markdown, Model
 
-    from visionpipe.phases.bundle_validation import bundle_validation
-    from visionpipe.phases.export import export as export_component
+    from visionpipe.kfp.components.bundle_validation import bundle_validation
+    from visionpipe.kfp.components.export import export as export_component
     from visionpipe.phases.pod import SigningKeyMissing, require_signing_key_in_pod
 
     _pod(monkeypatch)
@@ -357,7 +428,7 @@ def test_kfp_local_export_to_a_folder_is_not_affected(
     (KUBERNETES_SERVICE_HOST set, as in a Kubeflow notebook), still publishes to a local folder."""
     from kfp import dsl, local
 
-    from visionpipe.phases.export import export as export_component
+    from visionpipe.kfp.components.export import export as export_component
 
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
     for name in ("KFP_POD_NAME", "KFP_POD_UID"):

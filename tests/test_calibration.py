@@ -1,5 +1,5 @@
-"""Tests of visionpipe/serving/calibrators.py, visionpipe/serving/metrics.py, visionpipe/phases/conformal.py and
-visionpipe/phases/calibration.py."""
+"""Tests of visionpipe/serving/calibrators.py (with their fitting, visionpipe/phases/calibrators_fit.py),
+visionpipe/serving/metrics.py, visionpipe/phases/conformal.py and visionpipe/phases/calibration.py."""
 
 import base64
 import io
@@ -13,15 +13,14 @@ from sklearn.metrics import matthews_corrcoef
 
 from visionpipe.phases.calibration import HTML_FILE, PLOT_FILE, CalibrationPhaseError, reliability_html
 from visionpipe.phases.calibration import run as calibrate_run
+from visionpipe.phases.calibrators_fit import fit_calibrator, fit_temperature
 from visionpipe.phases.conformal import ConformalError, conformal_quantile, fit_conformal, fit_scrc
 from visionpipe.phases.threshold_sweep import load_logits
 from visionpipe.phases.threshold_sweep import run as sweep_run
 from visionpipe.serving.calibrators import (
     CALIBRATION_METHODS,
     CalibratorError,
-    TemperatureCalibrator,
     calibrator_from_dict,
-    make_calibrator,
 )
 from visionpipe.serving.metrics import binary_metrics_from_counts, brier, ece, mcc, nll, softmax
 from visionpipe.serving.policies import apply_policy, conformal_sets, policy_from_dict
@@ -68,7 +67,7 @@ def test_calibration_metrics_on_known_cases() -> None:
 @pytest.mark.parametrize("true_t", [0.5, 1.0, 2.0, 3.0])
 def test_temperature_scaling_recovers_a_known_temperature(true_t: float) -> None:
     z, y = _true_logits(20000, 5, seed=1)
-    fitted = TemperatureCalibrator(5).fit(z * true_t, y)
+    fitted = fit_temperature(5, z * true_t, y)
     assert fitted.temperature == pytest.approx(true_t, rel=0.05)
 
 
@@ -81,7 +80,7 @@ def test_every_calibrator_lowers_held_out_nll(k: int, method: str, distortion: f
     shift = 0.0 if method == "temperature" else 0.8  # a bias only the binary score maps can undo
     bad = z * distortion + shift * np.eye(k)[0]
     fit_idx, test_idx = np.arange(3000), np.arange(3000, 6000)
-    cal = make_calibrator(method, k).fit(bad[fit_idx], y[fit_idx])
+    cal = fit_calibrator(method, k, bad[fit_idx], y[fit_idx])
     before = nll(softmax(bad[test_idx]), y[test_idx])
     after = nll(cal.probabilities(bad[test_idx]), y[test_idx])
     assert after < before - 0.01
@@ -90,7 +89,7 @@ def test_every_calibrator_lowers_held_out_nll(k: int, method: str, distortion: f
 @pytest.mark.parametrize(("k", "method"), [(2, m) for m in CALIBRATION_METHODS] + [(7, "identity"), (7, "temperature")])
 def test_probabilities_are_rows_summing_to_one_and_survive_json(k: int, method: str) -> None:
     z, y = _true_logits(500, k, seed=3)
-    cal = make_calibrator(method, k, positive_index=0 if k == 2 else 1).fit(z * 2, y)
+    cal = fit_calibrator(method, k, z * 2, y, positive_index=0 if k == 2 else 1)
     probs = cal.probabilities(z)
     assert probs.shape == (500, k)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
@@ -177,7 +176,7 @@ def test_scrc_keeps_the_selected_risk_below_alpha(k: int, alpha: float, delta: f
 def test_stored_policy_reproduces_the_sweep_on_val_calib(tmp_path: Path, method: str) -> None:
     logits_dir = _write_logits(tmp_path / "logits", 2, 600, seed=8)
     sweep = sweep_run(logits_dir, tmp_path / "decision", bootstrap=50)
-    result = calibrate_run(logits_dir, tmp_path / "decision", tmp_path / "cal", method=method)
+    result = calibrate_run(logits_dir, tmp_path / "decision", tmp_path / "cal", calibration_method=method)
     stored = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     assert stored["calibrator"]["method"] == result.method
     assert method == "auto" or result.method == method
@@ -209,8 +208,8 @@ def test_multiclass_run_writes_deterministic_outputs(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"method": "vector"}, "method='vector'"),
-        ({"method": "isotonic"}, "not available for K=4"),
+        ({"calibration_method": "vector"}, "calibration_method='vector'"),
+        ({"calibration_method": "isotonic"}, "not available for K=4"),
         ({"alpha": 0.0}, "alpha=0.0"),
         ({"conformal_score": "naive"}, "conformal_score='naive'"),
         ({"active_policy": "both"}, "active_policy='both'"),
@@ -228,7 +227,7 @@ def test_reliability_html_embeds_the_decodable_diagram_and_the_key_figures(tmp_p
 
     logits_dir = _write_logits(tmp_path / "logits", 2, 400, seed=12)
     sweep_run(logits_dir, tmp_path / "decision", bootstrap=20)
-    result = calibrate_run(logits_dir, tmp_path / "decision", tmp_path / "cal", method="temperature")
+    result = calibrate_run(logits_dir, tmp_path / "decision", tmp_path / "cal", calibration_method="temperature")
     page = (tmp_path / "cal" / HTML_FILE).read_text()
     assert page == reliability_html(result, tmp_path / "cal" / PLOT_FILE)  # what the component publishes
     uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
@@ -250,8 +249,8 @@ def test_reliability_html_embeds_the_decodable_diagram_and_the_key_figures(tmp_p
 def test_components_run_under_kfp_local(tmp_path: Path) -> None:
     from kfp import dsl, local
 
-    from visionpipe.phases.calibration import calibrate
-    from visionpipe.phases.threshold_sweep import threshold_sweep
+    from visionpipe.kfp.components.calibration import calibrate
+    from visionpipe.kfp.components.threshold_sweep import threshold_sweep
 
     logits_dir = _write_logits(tmp_path / "logits", 2, 300, seed=11)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
@@ -260,7 +259,7 @@ def test_components_run_under_kfp_local(tmp_path: Path) -> None:
     def decision_phases(logits_uri: str) -> None:
         logits = dsl.importer(artifact_uri=logits_uri, artifact_class=dsl.Artifact, reimport=False)
         sweep = threshold_sweep(logits=logits.output, bootstrap=50)
-        calibrate(logits=logits.output, decision=sweep.outputs["decision"], method="temperature")
+        calibrate(logits=logits.output, decision=sweep.outputs["decision"], calibration_method="temperature")
 
     decision_phases(logits_uri=str(logits_dir))
     written = {p.name for p in (tmp_path / "root").rglob("*") if p.is_file()}
@@ -270,3 +269,22 @@ def test_components_run_under_kfp_local(tmp_path: Path) -> None:
         assert page.startswith("<!DOCTYPE html>") and 'src="data:image/png;base64,' in page
     cal_json = next((tmp_path / "root").rglob("calibration.json"))
     assert json.loads(cal_json.read_text())["calibrator"]["method"] == "temperature"
+
+
+def test_serving_calibrators_hold_no_fitting() -> None:
+    """Fitting is training-side code (visionpipe/phases/calibrators_fit.py): serving rebuilds, applies, serialises."""
+    import visionpipe.serving.calibrators as served
+
+    assert not hasattr(served, "make_calibrator")
+    for cls in (served.IdentityCalibrator, served.TemperatureCalibrator, served.IsotonicCalibrator):
+        assert not hasattr(cls, "fit")
+    source = Path(served.__file__).read_text()
+    assert "import scipy" not in source and "from scipy" not in source and "from sklearn" not in source
+
+
+def test_fit_calibrator_refuses_an_unknown_method_naming_the_allowed_ones() -> None:
+    z, y = _true_logits(50, 2, seed=4)
+    with pytest.raises(CalibratorError, match=r"method='vector' is not one of \('identity', 'temperature'"):
+        fit_calibrator("vector", 2, z, y)
+    with pytest.raises(CalibratorError, match="needs a binary task"):
+        fit_calibrator("platt", 3, *_true_logits(50, 3, seed=4))

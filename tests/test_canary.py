@@ -1,4 +1,4 @@
-"""visionpipe/cli/canary.py: the kubectl argv of each rollout action, dry-run printing and running."""
+"""visionpipe/rollout/canary.py and `visionpipe canary`: each rollout action's kubectl argv, dry-run and running."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import yaml
 from k8s_schema import PLATFORM, merge_patch, render
 from kserve_rules import admit
 
-from visionpipe.cli.canary import (
+from visionpipe.cli.main import main
+from visionpipe.rollout.canary import (
     CanaryError,
     Target,
-    main,
     promote_argv,
     rollback_argv,
     start_argv,

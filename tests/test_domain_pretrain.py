@@ -9,18 +9,10 @@ import pytest
 import torch
 
 from visionpipe.phases.data_fetch import write_dataset_from_arrays
-from visionpipe.phases.domain_pretrain import (
-    CURVE_FILE,
-    SUMMARY_FILE,
-    CollapseError,
-    PretrainConfig,
-    PretrainError,
-    koleo_loss,
-    make_views,
-    run,
-)
-from visionpipe.serving.models import ArchSpec, build_model, load_pretrained_backbone
-from visionpipe.serving.preprocessing import PreprocessSpec
+from visionpipe.phases.domain_pretrain import CURVE_FILE, SUMMARY_FILE, CollapseError, koleo_loss, make_views, run
+from visionpipe.serving.models import build_model, load_pretrained_backbone
+from visionpipe.specs import ArchSpec, PreprocessSpec
+from visionpipe.training.pretrain_config import PretrainConfig, PretrainError
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and other work shares the machine
 
@@ -211,9 +203,28 @@ def test_views_have_model_shape_and_are_seeded() -> None:
 def test_component_compiles(tmp_path: Path) -> None:
     from kfp import compiler
 
-    from visionpipe.phases.domain_pretrain import domain_pretrain
+    from visionpipe.kfp.components.domain_pretrain import domain_pretrain
 
     path = tmp_path / "c.yaml"
     compiler.Compiler().compile(domain_pretrain, str(path))
     text = path.read_text()
-    assert "arch_json" in text and "init_backbone" in text
+    assert "arch_json" in text and "init_backbone" in text and "enabled" in text
+
+
+def test_disabled_component_writes_only_the_pass_through_marker(dataset_dir: Path, tmp_path: Path) -> None:
+    """enabled=False trains nothing: backbone.json = {"passthrough": true} alone, and a one-line summary."""
+    from kfp.dsl import Dataset, Markdown, Model
+
+    from visionpipe.kfp.components.domain_pretrain import domain_pretrain
+    from visionpipe.training.passthrough import is_passthrough
+
+    backbone = Model(name="backbone", uri=str(tmp_path / "backbone"), metadata={})
+    summary = Markdown(name="summary", uri=str(tmp_path / "summary.md"), metadata={})
+    dataset = Dataset(name="ds", uri=str(dataset_dir), metadata={})
+    domain_pretrain.python_func(
+        dataset=dataset, backbone=backbone, summary=summary, arch_json="{}", preprocess_json="{}", enabled=False
+    )
+    assert sorted(p.name for p in (tmp_path / "backbone").iterdir()) == ["backbone.json"]
+    assert json.loads((tmp_path / "backbone" / "backbone.json").read_text()) == {"passthrough": True}
+    assert is_passthrough(tmp_path / "backbone")
+    assert len((tmp_path / "summary.md").read_text().strip().splitlines()) == 1

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from visionpipe.cli import schedule as schedule_verb
+from visionpipe.cli import submit as submit_verb
+from visionpipe.cli.main import main as cli_main
 from visionpipe.kfp import client as kc
 from visionpipe.kfp.client import (
     CronError,
@@ -27,6 +30,7 @@ from visionpipe.kfp.client import (
     RunRequest,
     validate_cron,
 )
+from visionpipe.specs.params import ParameterError, parse_assignments
 
 SECRET = "tok-7f3a-not-for-logs"
 
@@ -206,7 +210,7 @@ def test_recurring_run_request_rejects(changes: dict[str, object], fragment: str
     ],
 )
 def test_params_are_typed_from_the_package(pairs: list[str], expected: dict[str, object], package: Path) -> None:
-    assert kc.parse_params(package, pairs) == expected
+    assert parse_assignments(pairs, kc.package_kinds(package), package.name) == expected
 
 
 @pytest.mark.parametrize(
@@ -221,8 +225,8 @@ def test_params_are_typed_from_the_package(pairs: list[str], expected: dict[str,
     ],
 )
 def test_bad_params_are_refused(pairs: list[str], fragment: str, package: Path) -> None:
-    with pytest.raises(RequestError) as err:
-        kc.parse_params(package, pairs)
+    with pytest.raises(ParameterError) as err:
+        parse_assignments(pairs, kc.package_kinds(package), package.name)
     assert fragment in str(err.value)
 
 
@@ -239,7 +243,7 @@ def test_schedule_dry_run_prints_the_request_without_the_token(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, package: Path
 ) -> None:
     monkeypatch.setenv("KF_PIPELINES_TOKEN", SECRET)
-    code = kc.main(
+    code = cli_main(
         [
             "schedule",
             "--dry-run",
@@ -269,7 +273,7 @@ def test_schedule_dry_run_prints_the_request_without_the_token(
 
 def test_named_pipeline_resolves_to_its_compiled_yaml(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["submit", "--dry-run", "--pipeline", "training", "--run-name", "r", "-p", "destination=s3://m/bundles"]
-    assert kc.main(argv) == 0
+    assert cli_main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["pipeline_file"] == str(kc.COMPILED_DIR / "training.yaml")
     assert (
@@ -296,7 +300,7 @@ def test_cli_argument_errors_exit_2(
     package: Path,
 ) -> None:
     monkeypatch.delenv(kc.HOST_ENV_VAR, raising=False)
-    assert kc.main([str(package) if a == PACKAGE else a for a in argv]) == 2
+    assert cli_main([str(package) if a == PACKAGE else a for a in argv]) == 2
     assert fragment in capsys.readouterr().err
 
 
@@ -304,9 +308,11 @@ def test_cli_registers_into_the_visionpipe_parser() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="visionpipe")
-    kc.register(parser.add_subparsers(dest="command", required=True))
+    sub = parser.add_subparsers(dest="command", required=True)
+    submit_verb.register(sub)
+    schedule_verb.register(sub)
     args = parser.parse_args(["schedule", "--host", "http://h", "--cron", "0 0 3 1 * *"])
-    assert args.pipeline == "monthly-retrain" and args.func is kc.run_schedule
+    assert args.pipeline == "monthly-retrain" and args.func is schedule_verb.run_schedule
     assert args.max_concurrency == 1 and not args.catchup and not args.disabled
 
 
@@ -426,7 +432,7 @@ def test_submit_cli_starts_one_run(
 ) -> None:
     host, recorded = http_server(kfp_api())
     monkeypatch.setenv("KFP_TOKEN", SECRET)
-    code = kc.main(["submit", "--host", host, "--package", str(package), "-p", "seed=5", "--run-name", "r1"])
+    code = cli_main(["submit", "--host", host, "--package", str(package), "-p", "seed=5", "--run-name", "r1"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "run id: run-42" in out and SECRET not in out + err
@@ -469,7 +475,7 @@ def test_closed_port_is_a_connection_error(capsys: pytest.CaptureFixture[str], p
         kc.probe(host, timeout=1.0)
     message = str(err.value)
     assert host in message and "connection refused" in message and "port-forward" in message
-    code = kc.main(["submit", "--host", host, "--package", str(package), "--token", SECRET])
+    code = cli_main(["submit", "--host", host, "--package", str(package), "--token", SECRET])
     captured = capsys.readouterr()
     assert code == 1 and "cannot reach the Kubeflow Pipelines endpoint" in captured.err
     assert SECRET not in captured.out + captured.err
@@ -531,7 +537,7 @@ def test_local_destination_is_refused_before_contacting_the_server(
     shown: str,
 ) -> None:
     host, recorded = http_server(kfp_api())
-    assert kc.main([*argv, "--host", host]) == 2
+    assert cli_main([*argv, "--host", host]) == 2
     err = capsys.readouterr().err
     assert shown in err and "is not an s3:// URI" in err
     assert "pass -p destination=s3://<bucket>/bundles" in err
@@ -540,7 +546,7 @@ def test_local_destination_is_refused_before_contacting_the_server(
 
 def test_s3_destination_is_accepted(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["schedule", "--dry-run", "--pipeline", "monthly-retrain", "-p", "destination=s3://models/bundles"]
-    assert kc.main(argv) == 0
+    assert cli_main(argv) == 0
     assert json.loads(capsys.readouterr().out)["params"]["destination"] == "s3://models/bundles"
 
 
@@ -571,11 +577,11 @@ def test_namespace_comes_from_the_kube_context(
 ) -> None:
     config = _kubeconfig(tmp_path / "config", "kubeflow-user-example-com")
     monkeypatch.setenv("KUBECONFIG", f"{tmp_path / 'absent'}:{config}")  # a list, as kubectl takes it
-    assert kc.main(["submit", "--dry-run", "--package", str(package)]) == 0
+    assert cli_main(["submit", "--dry-run", "--package", str(package)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["namespace"] == "kubeflow-user-example-com"
     assert "kube context 'team'" in printed["namespace_source"] and SECRET not in json.dumps(printed)
-    assert kc.main(["submit", "--dry-run", "--package", str(package), "-n", "team-b"]) == 0
+    assert cli_main(["submit", "--dry-run", "--package", str(package), "-n", "team-b"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["namespace"] == "team-b" and printed["namespace_source"] == "--namespace"
 
@@ -601,7 +607,7 @@ def test_multi_user_without_namespace_is_refused(
     host, recorded = http_server(kfp_api(multi_user=True))
     monkeypatch.setenv("KUBECONFIG", str(_kubeconfig(tmp_path / "config", None)))
     for command in (["submit"], ["schedule", "--cron", "0 0 3 1 * *"]):
-        assert kc.main([*command, "--host", host, "--package", str(package)]) == 1
+        assert cli_main([*command, "--host", host, "--package", str(package)]) == 1
         err = capsys.readouterr().err
         assert "multi-user mode" in err and "no namespace" in err and "has no namespace" in err
         assert "--namespace" in err and "kubectl config set-context --current --namespace=" in err
@@ -617,7 +623,7 @@ def test_multi_user_run_goes_to_the_kube_context_namespace(
 ) -> None:
     host, recorded = http_server(kfp_api(multi_user=True))
     monkeypatch.setenv("KUBECONFIG", str(_kubeconfig(tmp_path / "config", "kubeflow-user-example-com")))
-    assert kc.main(["submit", "--host", host, "--package", str(package), "--run-name", "r"]) == 0, capsys.readouterr()
+    assert cli_main(["submit", "--host", host, "--package", str(package), "--run-name", "r"]) == 0, capsys.readouterr()
     created = [r for r in recorded if r.method == "POST" and r.path == "/apis/v2beta1/experiments"]
     assert created and created[0].body["namespace"] == "kubeflow-user-example-com"
     listed = [r for r in recorded if r.method == "GET" and r.path.startswith("/apis/v2beta1/experiments")]

@@ -27,7 +27,7 @@ from k8s_schema import (
 )
 from kserve_rules import DEPLOYMENT_MODE, admit
 
-from visionpipe.cli import canary
+from visionpipe.rollout import canary
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"

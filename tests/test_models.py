@@ -10,19 +10,19 @@ import torch
 from safetensors.torch import save_file
 
 from visionpipe.serving.models import (
-    ARCHITECTURES,
-    ArchSpec,
-    ArchSpecError,
+    BUILDERS,
     Dinov2Backbone,
     VisionClassifier,
     WeightsError,
     build_model,
     load_pretrained_backbone,
     load_weights,
+    register_builder,
     save_backbone,
     save_weights,
     transformer_blocks,
 )
+from visionpipe.specs import ARCHITECTURES, ArchSpec, ArchSpecError
 
 torch.set_num_threads(2)
 
@@ -228,3 +228,26 @@ def test_transformer_blocks_name_real_modules(name: str, blocks: int) -> None:
     assert len(names) == blocks
     for n in names:
         model.get_submodule(n)
+
+
+def test_every_registry_architecture_has_one_builder_and_vice_versa() -> None:
+    from visionpipe.specs.registry import REGISTRY
+
+    assert set(BUILDERS) == set(REGISTRY) == set(ARCHITECTURES)
+    with pytest.raises(ArchSpecError, match=r"not in visionpipe/specs/registry\.py"):
+        register_builder("alexnet")
+    with pytest.raises(ArchSpecError, match="already registered"):
+        register_builder("vit")(BUILDERS["vit"])
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_transformer_blocks_follow_the_registry(name: str) -> None:
+    from visionpipe.specs.registry import REGISTRY
+
+    model = build_model(tiny(name))
+    blocks = transformer_blocks(model)
+    assert blocks == REGISTRY[name].block_names(model.spec.num_layers)
+    modules = dict(model.named_modules())
+    assert all(b in modules for b in blocks)
+    if REGISTRY[name].transformer:
+        assert len(blocks) == model.spec.num_layers and REGISTRY[name].final_norm in modules

@@ -70,7 +70,7 @@ def test_canary_patch_body() -> None:
 @pytest.mark.parametrize(("kserve_mode", "cli_mode"), [("Knative", "serverless"), ("Standard", "standard")])
 def test_canary_patch_equals_the_cli_patch(kserve_mode: str, cli_mode: str) -> None:
     """The monthly step and `visionpipe canary start` write the same patch for the same mode."""
-    from visionpipe.cli.canary import start_patch
+    from visionpipe.rollout.canary import start_patch
 
     assert canary_patch(CANDIDATE, 10, kserve_mode) == start_patch(cli_mode, CANDIDATE, 10)
     if kserve_mode == "Standard":
@@ -194,7 +194,7 @@ MONTHLY_TINY = {"recipe_overrides_json": json.dumps({"epochs": 1, "preprocess": 
 def test_monthly_pipeline_exports_challenger_with_champion_as_parent(
     month_prefix: Path, candidate: Path, s3_bucket: str, tmp_path: Path
 ) -> None:
-    run_pipeline(
+    run = run_pipeline(
         monthly_retrain_pipeline,
         {
             **MONTHLY_TINY,
@@ -210,6 +210,7 @@ def test_monthly_pipeline_exports_challenger_with_champion_as_parent(
     published = [u for u in storage.list_uris(f"{s3_bucket}/monthly") if u.endswith("/bundle.json")]
     assert len(published) == 1
     challenger = B.read_bundle(published[0].rsplit("/", 1)[0], cache_dir=tmp_path)
+    assert run.outputs["bundle_uri"] == published[0].rsplit("/", 1)[0] + "/"  # export's KServe storageUri
     provenance = challenger.manifest["provenance"]
     assert isinstance(provenance, dict) and provenance["parent_bundle"] == str(candidate)
     report = (challenger.root / "reports" / "validation.md").read_text()

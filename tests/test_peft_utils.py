@@ -6,15 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from visionpipe.serving.models import ARCHITECTURES, ArchSpec, VisionClassifier, build_model, transformer_blocks
-from visionpipe.training.peft import (
-    PeftError,
-    PeftSpec,
-    apply_peft,
-    default_target_modules,
-    merge_peft,
-    trainable_summary,
-)
+from visionpipe.serving.models import VisionClassifier, build_model, transformer_blocks
+from visionpipe.specs import ARCHITECTURES, ArchSpec, PeftError, PeftSpec
+from visionpipe.training.peft import apply_peft, default_target_modules, merge_peft, trainable_summary
 
 torch.set_num_threads(2)
 

@@ -312,3 +312,128 @@ def test_kfp_local_ignores_the_kubernetes_secret(tmp_path: Path) -> None:
         secret_locally()
     finally:
         del os.environ["VISIONPIPE_TEST_MARKER"]
+
+
+# ------------------------------------------------------------------------------------ one decision sub-graph
+DECISION_COMPONENTS = ("threshold-sweep", "calibrate", "bundle-validation", "export")
+
+
+def _tasks(docs: Documents) -> list[tuple[str, str]]:
+    """(dag, componentRef) of every task of every DAG: the root and each sub-DAG (pipeline-as-component, If)."""
+    ir = docs[0]
+    dags: list[tuple[str, dict[str, object]]] = [("root", ir["root"])]  # type: ignore[list-item]
+    components = ir["components"]
+    assert isinstance(components, dict)
+    dags += [(name, spec) for name, spec in components.items() if "dag" in spec]
+    out = []
+    for name, spec in dags:
+        tasks = spec["dag"]["tasks"]  # type: ignore[index]
+        out += [(name, task["componentRef"]["name"]) for task in tasks.values()]
+    return out
+
+
+@pytest.mark.parametrize("name", ["training", "monthly-retrain"])
+def test_the_decision_tasks_are_compiled_once(compiled: dict[str, Documents], name: str) -> None:
+    docs = compiled[name]
+    executors = set(_executors(docs))
+    components = docs[0]["components"]
+    assert isinstance(components, dict)
+    tasks = _tasks(docs)
+    for component in DECISION_COMPONENTS:
+        assert [e for e in executors if e.startswith(f"exec-{component}")] == [f"exec-{component}"]
+        assert [c for c in components if c.startswith(f"comp-{component}")] == [f"comp-{component}"]
+        assert [dag for dag, ref in tasks if ref == f"comp-{component}"] == ["comp-decide-and-publish"]
+    assert [dag for dag, ref in tasks if ref == "comp-decide-and-publish"] == ["root"]
+    assert not any(c.startswith("comp-condition") for c in components) or name == "monthly-retrain"  # canary only
+
+
+def test_training_graph_has_no_branch_copy(compiled: dict[str, Documents]) -> None:
+    """domain_pretrain always runs (enabled = domain_pretrain_enabled) and feeds supervised_train: no dsl.If."""
+    docs = compiled["training"]
+    tasks = docs[0]["root"]["dag"]["tasks"]  # type: ignore[index]
+    assert not [c for c in docs[0]["components"] if c.startswith("comp-condition")]  # type: ignore[union-attr]
+    assert sorted(tasks) == [
+        "check-training-run-form",
+        "data-fetch",
+        "decide-and-publish",
+        "domain-pretrain",
+        "resolve-model-spec",
+        "supervised-train",
+    ]
+    enabled = tasks["domain-pretrain"]["inputs"]["parameters"]["enabled"]
+    assert enabled["componentInputParameter"] == "domain_pretrain_enabled"
+    backbone = tasks["supervised-train"]["inputs"]["artifacts"]["backbone"]["taskOutputArtifact"]
+    assert backbone == {"outputArtifactKey": "backbone", "producerTask": "domain-pretrain"}
+
+
+@pytest.mark.parametrize("name", ["training", "monthly-retrain"])
+def test_the_pipeline_output_bundle_uri_is_exports_storage_uri(compiled: dict[str, Documents], name: str) -> None:
+    ir = compiled[name][0]
+    root = ir["root"]
+    assert isinstance(root, dict)
+    assert root["outputDefinitions"]["parameters"]["bundle_uri"] == {"parameterType": "STRING"}
+    selector = root["dag"]["outputs"]["parameters"]["bundle_uri"]["valueFromParameter"]
+    assert selector == {"outputParameterKey": "bundle_uri", "producerSubtask": "decide-and-publish"}
+    sub = ir["components"]["comp-decide-and-publish"]  # type: ignore[index]
+    inner = sub["dag"]["outputs"]["parameters"]["bundle_uri"]["valueFromParameter"]
+    assert inner == {"outputParameterKey": "Output", "producerSubtask": "export"}
+
+
+@pytest.mark.parametrize("name", ["training", "monthly-retrain"])
+def test_check_run_form_runs_first_and_takes_the_whole_form(compiled: dict[str, Documents], name: str) -> None:
+    ir = compiled[name][0]
+    tasks = ir["root"]["dag"]["tasks"]  # type: ignore[index]
+    check = f"check-{'training' if name == 'training' else 'monthly'}-run-form"
+    assert tasks[check]["taskInfo"]["name"] == "check_run_form"
+    params = tasks[check]["inputs"]["parameters"]
+    assert {p: v["componentInputParameter"] for p, v in params.items()} == {
+        p: p for p in _root_parameters(compiled[name])
+    }
+    firsts = ("data-fetch",) if name == "training" else ("fetch-month", "champion-warm-start")
+    for first in firsts:
+        assert check in tasks[first]["dependentTasks"]
+
+
+@pytest.mark.parametrize("name", ["training", "monthly-retrain"])
+def test_run_form_defaults_are_the_constraint_tables(name: str) -> None:
+    from visionpipe.specs.params import defaults
+
+    signature = inspect.signature(FUNCTIONS[name]).parameters
+    declared = {p: v.default for p, v in signature.items() if v.default is not inspect.Parameter.empty}
+    assert declared == defaults(name)
+
+
+def test_compiling_does_not_import_torch(tmp_path: Path) -> None:
+    """Compiling both pipelines imports only the thin components (visionpipe/kfp/components/), never torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pathlib\n"
+        "from visionpipe.kfp.compile import compile_all\n"
+        f"compile_all(pathlib.Path({str(tmp_path)!r}))\n"
+        "heavy = sorted(m for m in ('torch', 'torchvision', 'timm', 'peft') if m in sys.modules)\n"
+        "print('heavy:', heavy)\n"
+        "sys.exit(1 if heavy else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {p.name for p in tmp_path.iterdir()} == {"training.yaml", "monthly-retrain.yaml"}
+
+
+def test_a_bad_calibration_method_is_refused_before_any_step(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """kfp.local runs check_run_form first: calibration_method="bogus" fails the run there, naming the field and
+    the allowed values, and data_fetch (or anything after it) never runs."""
+    from kfp import local
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path), raise_on_error=True)
+    with pytest.raises(RuntimeError, match="check-training-run-form"):
+        training_pipeline(calibration_method="bogus", destination=str(tmp_path / "bundles"))
+    out = capfd.readouterr()
+    logs = out.out + out.err
+    assert "calibration_method='bogus'" in logs
+    assert "auto, identity, temperature, platt, beta, isotonic" in logs
+    ran = {p.name for p in tmp_path.glob("*/*") if p.is_dir()}
+    assert ran <= {"check-training-run-form"}, ran
+    assert "Executing task 'data-fetch'" not in logs.replace("\x1b[96m", "").replace("\x1b[0m", "")
+    assert not (tmp_path / "bundles").exists()

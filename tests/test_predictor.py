@@ -24,7 +24,7 @@ from visionpipe.data.datasets import load_dataset
 from visionpipe.harness import ServerProcess, free_port, running_server
 from visionpipe.serving import bundle as B
 from visionpipe.serving.predictor import EnsembleError, VisionPredictor
-from visionpipe.serving.preprocessing import PreprocessSpec
+from visionpipe.specs import PreprocessSpec
 
 tritonhttp = pytest.importorskip("tritonclient.http")
 

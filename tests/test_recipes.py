@@ -173,3 +173,27 @@ def test_parse_overrides(text: str, expected: dict[str, object]) -> None:
 def test_parse_overrides_rejects_non_objects(text: str) -> None:
     with pytest.raises(RecipeError, match="overrides"):
         rc.parse_overrides(text)
+
+
+# recipe_hash of every shipped recipe as it was before the arch / peft sections became the spec types
+# (visionpipe/specs); the hash feeds bundle versions and checkpoint resume, so it must not move.
+SHIPPED_HASHES = {
+    "digits-cnn": "2b1a7b94eabadf9102484c4e6909da95c46c50b20e254a7062cadf1873b7c737",
+    "digits-cnn-mnist": "6384d15a56dbe2b2d9b13c39b3ccfae835bb067e51baf4eb59bf5da5636dd142",
+    "digits-resnet18": "c6804bdcab3d7f3f45de875331d5ee2f0ee280ea19baec2dbffe52dd5398fdfb",
+    "roadwork-dinov2-lora": "877caf4254c5e479013831bac32d9f78c06c0f1f46c393e9ad9377f0aa2dc75b",
+    "roadwork-vit-dora": "375b5727c42de5f6de95fb0d29538014daba7e19e559b29e02c56adc63b6e3e8",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_HASHES))
+def test_shipped_recipe_hashes_are_unchanged(name: str) -> None:
+    assert recipe_hash(load_recipe(name)) == SHIPPED_HASHES[name]
+
+
+def test_recipe_sections_are_the_spec_types() -> None:
+    from visionpipe.specs import ArchChoice, PeftChoice, PeftSpec
+
+    recipe = load_recipe("roadwork-dinov2-lora")
+    assert type(recipe.arch) is ArchChoice and type(recipe.peft) is PeftChoice
+    assert isinstance(recipe.peft, PeftSpec)

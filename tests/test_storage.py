@@ -202,10 +202,10 @@ def test_components_refuse_first_thing_without_s3_settings(monkeypatch: pytest.M
     """Each component body checks its s3:// parameters before touching any input or output."""
     from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
-    from visionpipe.phases.bundle_validation import bundle_validation
-    from visionpipe.phases.data_fetch import data_fetch
-    from visionpipe.phases.export import export
-    from visionpipe.phases.supervised_train import supervised_train
+    from visionpipe.kfp.components.bundle_validation import bundle_validation
+    from visionpipe.kfp.components.data_fetch import data_fetch
+    from visionpipe.kfp.components.export import export
+    from visionpipe.kfp.components.supervised_train import supervised_train
 
     for name in S3_VARS:
         monkeypatch.delenv(name, raising=False)

@@ -13,11 +13,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from visionpipe.data.datasets import load_dataset
+from visionpipe.kfp.components.supervised_train import supervised_train
 from visionpipe.phases import supervised_train as st
 from visionpipe.phases.data_fetch import write_dataset_from_arrays
-from visionpipe.serving.models import ArchSpec, build_model, load_weights
-from visionpipe.serving.preprocessing import PreprocessSpec, to_model_input
+from visionpipe.serving.models import build_model, load_weights
+from visionpipe.serving.preprocessing import to_model_input
 from visionpipe.serving.storage import StorageError
+from visionpipe.specs import ArchSpec, PreprocessSpec
+from visionpipe.training import augment as aug
+from visionpipe.training import batching, checkpoint, errors, loop, losses, schedule
 from visionpipe.training.recipes import LossSpec, Recipe, RecipeError, load_recipe, recipe_hash
 
 TINY = {
@@ -179,7 +183,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(
 ) -> None:
     recipe = tiny_recipe(epochs=3, **extra)
     straight = train(dataset, tmp_path / "a", recipe)
-    with pytest.raises(st.TrainingInterrupted):
+    with pytest.raises(errors.TrainingInterrupted):
         train(dataset, tmp_path / "b", recipe, stop_after_epoch=1)
     assert not (tmp_path / "b" / "model" / "model.safetensors").exists()
     resumed = train(dataset, tmp_path / "b", recipe)
@@ -212,10 +216,10 @@ def test_a_retry_on_a_fresh_disk_resumes_from_the_checkpoint_mirror(
     remote = storage.join(request.getfixturevalue("s3_bucket"), "ckpt/task") if where == "s3" else str(tmp_path / "m")
     recipe = tiny_recipe(epochs=3, ema={"enabled": True, "decay": 0.9})
     straight = train(dataset, tmp_path / "a", recipe)
-    with pytest.raises(st.TrainingInterrupted):
+    with pytest.raises(errors.TrainingInterrupted):
         train(dataset, tmp_path / "first-pod", recipe, stop_after_epoch=1, checkpoint_uri=remote)
     names = sorted(u.rsplit("/", 1)[-1] for u in storage.list_uris(remote))
-    assert names == ["best-0001.safetensors", "state-0001.safetensors", st.STATE_FILE]
+    assert names == ["best-0001.safetensors", "state-0001.safetensors", checkpoint.STATE_FILE]
 
     resumed = train(dataset, tmp_path / "second-pod", recipe, checkpoint_uri=remote)
     assert resumed.resumed_from_epoch == 1
@@ -225,13 +229,13 @@ def test_a_retry_on_a_fresh_disk_resumes_from_the_checkpoint_mirror(
     names = [u.rsplit("/", 1)[-1] for u in storage.list_uris(remote)]  # stale epochs were deleted remotely
     assert f"state-{3:04d}.safetensors" in names and len(names) == 3
 
-    st.remove_mirror(remote)
-    assert not storage.exists(storage.join(remote, st.STATE_FILE))
+    checkpoint.remove_mirror(remote)
+    assert not storage.exists(storage.join(remote, checkpoint.STATE_FILE))
 
 
 @pytest.mark.parametrize("uri", ["relative/folder", "s3:/one-slash", "s3://"])
 def test_a_bad_checkpoint_uri_is_refused_before_training(dataset: Path, tmp_path: Path, uri: str) -> None:
-    with pytest.raises((st.TrainError, StorageError), match=r"s3://"):
+    with pytest.raises((errors.TrainError, StorageError), match=r"s3://"):
         train(dataset, tmp_path, tiny_recipe(epochs=1), checkpoint_uri=uri)
     assert not (tmp_path / "ckpt").exists()
 
@@ -239,14 +243,14 @@ def test_a_bad_checkpoint_uri_is_refused_before_training(dataset: Path, tmp_path
 def test_a_broken_mirror_is_refused_with_its_location(dataset: Path, tmp_path: Path) -> None:
     remote = tmp_path / "mirror"
     remote.mkdir()
-    (remote / st.STATE_FILE).write_text("{not json")
-    with pytest.raises(st.ResumeError, match=r"mirror/state.json is not valid JSON"):
+    (remote / checkpoint.STATE_FILE).write_text("{not json")
+    with pytest.raises(errors.ResumeError, match=r"mirror/state.json is not valid JSON"):
         train(dataset, tmp_path / "pod", tiny_recipe(epochs=1), checkpoint_uri=str(remote))
 
 
 def test_resume_refuses_another_recipe(dataset: Path, tmp_path: Path) -> None:
     train(dataset, tmp_path, tiny_recipe(epochs=1))
-    with pytest.raises(st.ResumeError, match="another recipe"):
+    with pytest.raises(errors.ResumeError, match="another recipe"):
         train(dataset, tmp_path, tiny_recipe(epochs=1, seed=5))
 
 
@@ -282,7 +286,7 @@ def test_peft_recipes_train_tiny_transformers_and_save_merged_weights(
 def test_peft_trains_only_adapters_and_head(binary_dataset: Path) -> None:
     recipe = tiny_recipe(arch=TINY_VIT, preprocess={"channels": 3}, peft={"method": "lora", "rank": 2})
     arch = st.resolve_arch(recipe, 2, st.resolve_preprocess(recipe, 1))
-    model = st.build_trainable_model(recipe, arch, None)
+    model = loop.build_trainable_model(recipe, arch, None)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or ".head." in n for n in trainable)
 
@@ -306,10 +310,10 @@ def test_per_batch_preprocessing_in_workers_matches_the_cache(monkeypatch: pytes
     """Large splits are preprocessed per batch in DataLoader workers; the values equal the cached path."""
     images = np.random.default_rng(0).integers(0, 255, (20, 6, 6, 1), dtype=np.uint8)
     spec = PreprocessSpec(size=8)
-    batches = st._batches(np.random.default_rng(1).permutation(20), 6)
-    cached = st._ModelInputs(images, spec)
-    monkeypatch.setattr(st, "CACHE_LIMIT_BYTES", 0)
-    streamed = st._ModelInputs(images, spec)
+    batches = batching.batches(np.random.default_rng(1).permutation(20), 6)
+    cached = batching.ModelInputs(images, spec)
+    monkeypatch.setattr(batching, "CACHE_LIMIT_BYTES", 0)
+    streamed = batching.ModelInputs(images, spec)
     assert cached.cached is not None and streamed.cached is None
     for (xa, ia), (xb, ib) in zip(cached.iterate(batches, 0), streamed.iterate(batches, 1), strict=True):
         np.testing.assert_array_equal(ia, ib)
@@ -320,22 +324,22 @@ def test_per_batch_preprocessing_in_workers_matches_the_cache(monkeypatch: pytes
 def test_loss_equals_cross_entropy_for_one_hot_targets(smoothing: float) -> None:
     logits = torch.randn(7, 4, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 3, 0, 1, 2])
-    targets = st._soft_targets(y, 4, smoothing)
-    ours = st.weighted_loss(logits, targets, torch.ones(4), LossSpec(label_smoothing=smoothing))
+    targets = losses.soft_targets(y, 4, smoothing)
+    ours = losses.weighted_loss(logits, targets, torch.ones(4), LossSpec(label_smoothing=smoothing))
     assert float(ours) == pytest.approx(float(F.cross_entropy(logits, y, label_smoothing=smoothing)), rel=1e-6)
     weights = torch.tensor([1.0, 2.0, 0.5, 3.0])
     expected = F.cross_entropy(logits, y, weight=weights)
-    assert float(st.weighted_loss(logits, st._soft_targets(y, 4, 0.0), weights, LossSpec())) == pytest.approx(
+    assert float(losses.weighted_loss(logits, losses.soft_targets(y, 4, 0.0), weights, LossSpec())) == pytest.approx(
         float(expected), rel=1e-6
     )
 
 
 def test_focal_loss_down_weights_easy_examples() -> None:
     logits = torch.tensor([[4.0, -4.0], [0.1, -0.1]])
-    targets = st._soft_targets(torch.tensor([0, 0]), 2, 0.0)
-    ce = st.weighted_loss(logits, targets, torch.ones(2), LossSpec(name="cross_entropy"))
-    focal = st.weighted_loss(logits, targets, torch.ones(2), LossSpec(name="focal", focal_gamma=2.0))
-    same = st.weighted_loss(logits, targets, torch.ones(2), LossSpec(name="focal", focal_gamma=0.0))
+    targets = losses.soft_targets(torch.tensor([0, 0]), 2, 0.0)
+    ce = losses.weighted_loss(logits, targets, torch.ones(2), LossSpec(name="cross_entropy"))
+    focal = losses.weighted_loss(logits, targets, torch.ones(2), LossSpec(name="focal", focal_gamma=2.0))
+    same = losses.weighted_loss(logits, targets, torch.ones(2), LossSpec(name="focal", focal_gamma=0.0))
     assert float(focal) < float(ce) and float(same) == pytest.approx(float(ce))
 
 
@@ -343,11 +347,11 @@ def test_augment_without_settings_is_identity_and_mixing_keeps_targets_normalise
     x = torch.randn(6, 1, 8, 8)
     plain = tiny_recipe(augment={"rotation_deg": 0, "translate": 0, "scale": [1, 1], "erasing_prob": 0})
     rng = np.random.default_rng(0)
-    assert torch.equal(st.augment(x, plain, rng, torch.tensor([-1.0])), x)
+    assert torch.equal(aug.augment(x, plain.augment, rng, torch.tensor([-1.0])), x)
     mixing = tiny_recipe(augment={"mixup_alpha": 1.0, "cutmix_alpha": 1.0, "mix_prob": 1.0})
-    targets = st._soft_targets(torch.arange(6) % 3, 3, 0.1)
+    targets = losses.soft_targets(torch.arange(6) % 3, 3, 0.1)
     for seed in range(6):
-        mixed, t = st.mix(x, targets, mixing, np.random.default_rng(seed))
+        mixed, t = aug.mix(x, targets, mixing.augment, np.random.default_rng(seed))
         assert mixed.shape == x.shape
         torch.testing.assert_close(t.sum(dim=1), torch.ones(6))
 
@@ -356,25 +360,25 @@ def test_affine_fills_borders_with_black() -> None:
     x = torch.full((4, 1, 8, 8), 1.0)  # a white image, normalised
     recipe = tiny_recipe(augment={"rotation_deg": 0, "translate": 0.4, "scale": [1, 1], "affine_prob": 1.0})
     black = torch.tensor([-1.0])
-    out = st.augment(x, recipe, np.random.default_rng(3), black)
+    out = aug.augment(x, recipe.augment, np.random.default_rng(3), black)
     assert out.min() >= -1.0 - 1e-6 and out.max() <= 1.0 + 1e-6
     assert (out < 0).any()  # shifted content leaves black borders, not mid-grey ones
 
 
 def test_elastic_warp_is_smooth_bounded_and_sized_by_alpha() -> None:
     shape = torch.Size((32, 1, 28, 28))
-    pixels = st._elastic_offsets(shape, 34.0, 4.0, np.random.default_rng(0)) / torch.tensor([2 / 28, 2 / 28])
+    pixels = aug.elastic_offsets(shape, 34.0, 4.0, np.random.default_rng(0)) / torch.tensor([2 / 28, 2 / 28])
     # uniform noise smoothed by a sigma-4 Gaussian has std ~0.577 / (2 sqrt(pi) 4) ~ 0.04 -> ~1.4 px at alpha 34
     assert 0.7 < float(pixels.std()) < 2.5
     neighbours = torch.corrcoef(torch.stack([pixels[:, :, :-1].flatten(), pixels[:, :, 1:].flatten()]))[0, 1]
     assert float(neighbours) > 0.9  # a smooth field, not pixel noise
-    half = st._elastic_offsets(shape, 17.0, 4.0, np.random.default_rng(0))
-    torch.testing.assert_close(half * 2, st._elastic_offsets(shape, 34.0, 4.0, np.random.default_rng(0)))
+    half = aug.elastic_offsets(shape, 17.0, 4.0, np.random.default_rng(0))
+    torch.testing.assert_close(half * 2, aug.elastic_offsets(shape, 34.0, 4.0, np.random.default_rng(0)))
 
     x = torch.full((4, 1, 28, 28), -1.0)
     x[:, :, 8:20, 12:16] = 1.0  # a white bar on black
     recipe = tiny_recipe(augment={"rotation_deg": 0, "translate": 0, "scale": [1, 1], "elastic_alpha": 34.0})
-    out = st.augment(x, recipe, np.random.default_rng(1), torch.tensor([-1.0]))
+    out = aug.augment(x, recipe.augment, np.random.default_rng(1), torch.tensor([-1.0]))
     assert not torch.allclose(out, x)
     assert out.min() >= -1.0 - 1e-5 and out.max() <= 1.0 + 1e-5
     assert torch.equal(out[:, :, :2], x[:, :, :2])  # far from the bar the black background stays black
@@ -386,29 +390,29 @@ def test_erasing_blanks_a_box_per_image() -> None:
     x = torch.ones(5, 1, 8, 8)
     recipe = tiny_recipe(augment={"rotation_deg": 0, "translate": 0, "scale": [1, 1], "erasing_prob": 1.0,
                                   "erasing_area": [0.2, 0.3]})  # fmt: skip
-    out = st.augment(x, recipe, np.random.default_rng(0), torch.tensor([-1.0]))
+    out = aug.augment(x, recipe.augment, np.random.default_rng(0), torch.tensor([-1.0]))
     erased = (out == 0).float().mean(dim=(1, 2, 3))
     assert ((erased > 0.05) & (erased < 0.6)).all()
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
-    factors = [st.lr_factor(s, 100, 10, "cosine", 0.01) for s in range(101)]
+    factors = [schedule.lr_factor(s, 100, 10, "cosine", 0.01) for s in range(101)]
     assert all(a < b for a, b in itertools.pairwise(factors[:11]))
     assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
     assert factors[-1] == pytest.approx(0.01)
-    assert st.lr_factor(50, 100, 10, "constant", 0.01) == 1.0
+    assert schedule.lr_factor(50, 100, 10, "constant", 0.01) == 1.0
 
 
 def test_balanced_class_weights_have_mean_one() -> None:
     recipe = tiny_recipe(loss={"class_weights": "balanced"})
-    w = st.class_weights(recipe, np.array([0, 0, 0, 1], dtype=np.int64), 2)
+    w = losses.class_weights(recipe.loss, np.array([0, 0, 0, 1], dtype=np.int64), 2)
     assert float(w.mean()) == pytest.approx(1.0) and float(w[1]) == pytest.approx(3 * float(w[0]))
-    with pytest.raises(st.TrainError, match="3 values; this task has 2 classes"):
-        st.class_weights(tiny_recipe(loss={"class_weights": [1, 2, 3]}), np.array([0, 1]), 2)
+    with pytest.raises(errors.TrainError, match="3 values; this task has 2 classes"):
+        losses.class_weights(tiny_recipe(loss={"class_weights": [1, 2, 3]}).loss, np.array([0, 1]), 2)
 
 
 def test_mcc_selection_needs_a_binary_task() -> None:
-    with pytest.raises(st.TrainError, match="needs a binary task"):
+    with pytest.raises(errors.TrainError, match="needs a binary task"):
         st.selection_metric_name(tiny_recipe(early_stopping={"metric": "mcc"}), 3)
 
 
@@ -432,7 +436,7 @@ def test_component_runs_under_kfp_local_and_a_retry_resumes(
     @dsl.pipeline
     def train_pipeline(dataset_uri: str) -> None:
         ds = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset, reimport=False)
-        task = st.supervised_train(
+        task = supervised_train(
             dataset=ds.output, recipe="digits-cnn", recipe_overrides_json=overrides, checkpoint_uri=mirror
         )
         task.set_env_variable("VISIONPIPE_CRASH_AFTER_EPOCH", "1")

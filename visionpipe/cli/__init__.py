@@ -1,0 +1,12 @@
+"""The `visionpipe` command line (entry point `visionpipe.cli:main`; verbs in this package's modules)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`visionpipe ...`: see visionpipe/cli/main.py."""
+    from visionpipe.cli.main import main as run_main
+
+    return run_main(argv)

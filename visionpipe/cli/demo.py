@@ -1,6 +1,8 @@
 """`make demo` / `visionpipe demo`: the whole pipeline on built-in digits, then serve the bundle and classify.
 
-1. run the seven phases with kfp.local (artifacts under ./runs, the bundle published under ./bundles);
+1. run the seven phases with kfp.local (artifacts under ./runs, the bundle published under ./bundles), one
+   progress line per task (``--verbose``: kfp.local's whole output; either way it is written to
+   <run folder>/logs/);
 2. print a short summary: split counts, metrics, threshold / calibration, where the bundle is;
 3. serve the bundle with KServe's ModelServer on 127.0.0.1, classify a few val_test images over HTTP (v2), print
    the answers, and stop the server.
@@ -8,44 +10,51 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import json
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from PIL import Image
-
-from visionpipe.kfp.local import LocalRun
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    run_dir: Path
-    bundle_uri: str
-    report: str
-    decision_summaries: list[str]
+if TYPE_CHECKING:
+    import numpy as np
 
 
-def summarise_run(result: LocalRun) -> RunSummary:
-    """Find the outputs of the run's last (only) validation and export steps in its folder."""
-    run_dir = latest_run_dir(result.pipeline_root)
-    published = _one(run_dir, "export*/published")
-    report = _one(run_dir, "bundle-validation*/report").read_text()
-    decision = [p.read_text() for p in sorted(run_dir.glob("threshold-sweep*/summary"))]
-    decision += [p.read_text() for p in sorted(run_dir.glob("calibrate*/summary"))]
-    return RunSummary(run_dir, json.loads(published.read_text())["uri"], report, decision)
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from visionpipe.cli.run import add_run_options
+
+    parser = sub.add_parser("demo", help="the demo: run the pipeline on built-in digits (what `make demo` does)")
+    add_run_options(parser, "pipeline parameter")
+    parser.set_defaults(func=cmd_demo, source=None)
 
 
-def latest_run_dir(runs_dir: Path) -> Path:
-    runs = sorted((p for p in runs_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise FileNotFoundError(f"no pipeline run under {runs_dir}")
-    return runs[-1]
+def cmd_demo(args: argparse.Namespace) -> int:
+    from visionpipe.cli.run import run_training
+    from visionpipe.cli.summary import summarise_run
+
+    started = time.monotonic()
+    print("visionpipe demo: the seven phases on builtin://sklearn-digits through kfp.local\n", flush=True)
+    result = run_training(args)
+    pipeline_seconds = time.monotonic() - started
+    summary = summarise_run(result)
+    print("\n" + "=" * 100)
+    print(result.artifact_path("data_summary").read_text())
+    for text in summary.decision_summaries:
+        print(text)
+    print(summary.report)
+    print(f"Bundle published at {summary.bundle_uri}")
+    print(f"Pipeline artifacts under {summary.run_dir} (pipeline {pipeline_seconds:.0f} s)")
+    if result.log_path is not None:
+        print(f"Task logs under {result.log_path.parent}")
+    print(flush=True)
+    dataset_dir = result.artifact_path("dataset")
+    print(classify_over_http(summary.bundle_uri, dataset_dir))
+    print(f"\nvisionpipe demo: done in {time.monotonic() - started:.0f} s")
+    return 0
 
 
 def classify_over_http(bundle_uri: str, dataset_dir: Path, count: int = 8) -> str:
@@ -100,13 +109,8 @@ def classify_over_http(bundle_uri: str, dataset_dir: Path, count: int = 8) -> st
 
 
 def _png_b64(image: np.ndarray) -> str:
+    from PIL import Image
+
     buf = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def _one(run_dir: Path, pattern: str) -> Path:
-    found = sorted(run_dir.glob(pattern))
-    if not found:
-        raise FileNotFoundError(f"{run_dir}: no {pattern} (did the step run?)")
-    return found[-1]

@@ -1,20 +1,11 @@
-"""`visionpipe submit` and `visionpipe schedule`: one run, or a recurring run, on a Kubeflow Pipelines endpoint.
+"""One run, or a recurring run, of a compiled pipeline on a Kubeflow Pipelines endpoint (what `visionpipe submit`
+and `visionpipe schedule` send; their arguments are parsed in visionpipe/cli/).
 
-Both read a compiled pipeline (``visionpipe/kfp/compiled/<name>.yaml``, or any package given with ``--package``),
-check ``-p NAME=VALUE`` arguments against the pipeline's own parameter types, probe the endpoint
-(``GET {host}/apis/v2beta1/healthz``, short timeout, no proxy) and only then talk to it through
-`kfp.Client`. ``--dry-run`` prints the request as JSON and contacts nothing.
+The requests read a compiled pipeline (``visionpipe/kfp/compiled/<name>.yaml``, or any package), `probe` checks
+the endpoint (``GET {host}/apis/v2beta1/healthz``, short timeout, no proxy), and only then `submit` / `schedule`
+talk to it through `kfp.Client`.
 
-Schedules use KFP's cron format (robfig/cron v1, evaluated in UTC): six fields, **seconds first**::
-
-    seconds  minutes  hours  day-of-month  month  day-of-week
-    0-59     0-59     0-23   1-31 or ?     1-12 or JAN-DEC   0-6 or SUN-SAT, or ?
-
-Each field is ``*``, a value, a range ``a-b``, a step ``*/n`` / ``a-b/n`` / ``a/n``, or a comma list of those.
-A five-field (Unix) expression is refused: KFP would silently read it as seconds..month, so
-``0 3 1 * *`` would run every day at 01:03:00 rather than monthly. The monthly retrain default,
-``0 0 3 1 * *``, is 03:00:00 UTC on the first of every month. Descriptors (``@monthly``, ``@every 24h``) are
-accepted as KFP accepts them.
+Schedules use KFP's cron format, six fields with seconds first (visionpipe/kfp/cron.py).
 
 Authentication: an optional bearer token from ``--token``, or the environment (``KF_PIPELINES_TOKEN``, then
 ``KFP_TOKEN``). It is sent as ``Authorization: Bearer ...`` and never printed.
@@ -29,16 +20,13 @@ Namespace (multi-user Kubeflow): ``--namespace``, else the namespace of the curr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 import socket
-import sys
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +35,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from kfp import Client
 
+from visionpipe.kfp.cron import DEFAULT_CRON as DEFAULT_CRON  # re-exported with the requests that use them
+from visionpipe.kfp.cron import CronError as CronError
+from visionpipe.kfp.cron import validate_cron as validate_cron
 from visionpipe.phases.pod import DESTINATION_ADVICE
+from visionpipe.specs.params import PYTHON_TYPES, Kind, Value
 
 COMPILED_DIR = Path(__file__).parent / "compiled"
 PIPELINE_NAMES = ("training", "monthly-retrain")
@@ -56,11 +48,11 @@ TOKEN_ENV_VARS = ("KF_PIPELINES_TOKEN", "KFP_TOKEN")
 HOST_ENV_VAR = "KF_PIPELINES_ENDPOINT"
 PACKAGE_SUFFIXES = (".yaml", ".yml", ".json", ".zip", ".tar.gz", ".tgz")
 MAX_CONCURRENCY_RANGE = (1, 10)  # what the KFP API server accepts
-DEFAULT_CRON = "0 0 3 1 * *"
 KUBECONFIG_ENV = "KUBECONFIG"
 DEFAULT_KUBECONFIG = "~/.kube/config"
 
-ParamValue = str | int | float | bool | list[object] | dict[str, object]
+ParamValue = Value
+KINDS: dict[str, Kind] = {kind: kind for kind in PYTHON_TYPES}  # a package type string -> Kind
 
 
 class KfpError(RuntimeError):
@@ -83,120 +75,8 @@ class KfpNamespaceRequired(KfpError):
     """The KFP API runs in multi-user mode and no namespace (profile) is known for the request."""
 
 
-class CronError(ValueError):
-    """A cron expression KFP would refuse or misread; the message names the field and what is allowed."""
-
-
 class RequestError(ValueError):
     """Invalid submit / schedule arguments (the message names the argument, the value and what is allowed)."""
-
-
-# --------------------------------------------------------------------------------------------- cron
-@dataclass(frozen=True)
-class CronField:
-    name: str
-    low: int
-    high: int
-    names: Mapping[str, int] = field(default_factory=dict)
-    question_mark: bool = False
-
-    def allowed(self) -> str:
-        parts = [f"{self.low}-{self.high}"]
-        if self.names:
-            keys = list(self.names)
-            parts.append(f"{keys[0]}-{keys[-1]}")
-        parts.append("*")
-        if self.question_mark:
-            parts.append("?")
-        return " or ".join(parts) + ", ranges a-b, steps */n or a-b/n, lists a,b"
-
-
-_MONTHS = {
-    m: i + 1 for i, m in enumerate(("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"))
-}
-_DAYS = {d: i for i, d in enumerate(("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"))}
-CRON_FIELDS = (
-    CronField("seconds", 0, 59),
-    CronField("minutes", 0, 59),
-    CronField("hours", 0, 23),
-    CronField("day-of-month", 1, 31, question_mark=True),
-    CronField("month", 1, 12, _MONTHS),
-    CronField("day-of-week", 0, 6, _DAYS, question_mark=True),
-)
-CRON_DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
-_DURATION = re.compile(r"^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
-_NUMBER = re.compile(r"^\d+$")
-
-
-def validate_cron(expr: str) -> str:
-    """Check a KFP cron expression; returns it with single spaces. Raises `CronError` naming the bad field."""
-    if not isinstance(expr, str) or not expr.strip():
-        raise CronError(f"cron={expr!r} is empty; expected 6 fields: {_layout()}, e.g. {DEFAULT_CRON!r}")
-    text = " ".join(expr.split())
-    if text.startswith("@"):
-        return _validate_descriptor(text)
-    parts = text.split(" ")
-    if len(parts) == 5:
-        raise CronError(
-            f"cron={text!r} has 5 fields; KFP cron needs 6 with the seconds field first ({_layout()}). "
-            f"KFP would read these 5 as seconds..month; for this schedule write {'0 ' + text!r}"
-        )
-    if len(parts) != 6:
-        raise CronError(f"cron={text!r} has {len(parts)} fields; expected 6: {_layout()}, e.g. {DEFAULT_CRON!r}")
-    for value, spec in zip(parts, CRON_FIELDS, strict=True):
-        _check_cron_field(text, value, spec)
-    return text
-
-
-def _layout() -> str:
-    return " ".join(f.name for f in CRON_FIELDS)
-
-
-def _validate_descriptor(text: str) -> str:
-    if text.lower() in CRON_DESCRIPTORS:
-        return text
-    head, _, rest = text.partition(" ")
-    if head.lower() == "@every" and _DURATION.match(rest.strip()):
-        return text
-    raise CronError(
-        f"cron={text!r} is not a known descriptor; allowed: {', '.join(CRON_DESCRIPTORS)}, "
-        f"'@every <duration>' (e.g. @every 24h), or 6 fields: {_layout()}"
-    )
-
-
-def _check_cron_field(expr: str, value: str, spec: CronField) -> None:
-    def bad(reason: str) -> CronError:
-        return CronError(f"cron={expr!r}: {spec.name} field {value!r} {reason}; allowed: {spec.allowed()}")
-
-    for item in value.split(","):
-        if not item:
-            raise bad("has an empty list item")
-        range_part, slash, step_part = item.partition("/")
-        if slash and (not _NUMBER.match(step_part) or int(step_part) == 0):
-            raise bad(f"has step {step_part!r}, which must be a whole number >= 1")
-        if range_part in ("*", "?"):
-            if range_part == "?" and not spec.question_mark:
-                raise bad("uses '?', which only day-of-month and day-of-week accept")
-            continue
-        bounds = range_part.split("-")
-        if len(bounds) > 2 or not all(bounds):
-            raise bad(f"has a malformed range {range_part!r}")
-        numbers = [_cron_value(b, spec, bad) for b in bounds]
-        if len(numbers) == 2 and numbers[0] > numbers[1]:
-            raise bad(f"has a range {range_part!r} whose start is after its end")
-
-
-def _cron_value(token: str, spec: CronField, bad: Callable[[str], CronError]) -> int:
-    upper = token.upper()
-    if upper in spec.names:
-        return spec.names[upper]
-    if not _NUMBER.match(token):
-        what = f"names {', '.join(spec.names)}" if spec.names else "no names"
-        raise bad(f"has {token!r}, which is not a number or a name ({spec.name} takes {what})")
-    number = int(token)
-    if not spec.low <= number <= spec.high:
-        raise bad(f"has {number}, outside {spec.low}-{spec.high}")
-    return number
 
 
 # --------------------------------------------------------------------------------------------- packages
@@ -238,22 +118,30 @@ def package_parameters(path: Path) -> dict[str, dict[str, object]]:
     return {str(k): dict(v) for k, v in params.items()} if isinstance(params, dict) else {}
 
 
-def parse_params(path: Path, pairs: Sequence[str]) -> dict[str, ParamValue]:
-    """``NAME=VALUE`` strings -> arguments typed by the package's parameter types (unknown names refused)."""
-    declared = package_parameters(path)
-    out: dict[str, ParamValue] = {}
-    for pair in pairs:
-        name, sep, raw = pair.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise RequestError(f"-p {pair!r}: expected NAME=VALUE")
-        if declared and name not in declared:
-            raise RequestError(
-                f"-p {pair!r}: {path.name} has no parameter {name!r}; parameters: {', '.join(sorted(declared))}"
-            )
-        kind = str(declared.get(name, {}).get("parameterType", "STRING"))
-        out[name] = _coerce(name, raw, kind)
-    return out
+def package_kinds(path: Path) -> dict[str, Kind]:
+    """Name -> KFP parameter type of a compiled package's run form (what the `-p` parser coerces to)."""
+    kinds: dict[str, Kind] = {}
+    for name, spec in package_parameters(path).items():
+        kind = str(spec.get("parameterType", "STRING"))
+        kinds[name] = KINDS.get(kind, "STRING")
+    return kinds
+
+
+def package_pipeline(path: Path) -> str | None:
+    """Which of our pipelines (PIPELINE_NAMES) a compiled YAML package is, from its pipelineInfo.name; else None."""
+    if not str(path).endswith((".yaml", ".yml", ".json")):
+        return None
+    import yaml
+
+    documents = list(yaml.safe_load_all(path.read_text()))
+    spec = documents[0] if documents else None
+    spec = spec.get("pipeline_spec", spec) if isinstance(spec, dict) else None
+    info = spec.get("pipelineInfo", {}) if isinstance(spec, dict) else {}
+    name = info.get("name") if isinstance(info, dict) else None
+    for pipeline in PIPELINE_NAMES:
+        if name == f"visionpipe-{pipeline}":
+            return pipeline
+    return None
 
 
 def check_destination(path: Path, params: Mapping[str, ParamValue]) -> None:
@@ -322,27 +210,6 @@ def require_namespace(host: str, health: Mapping[str, object], namespace: str | 
             f"namespace> (e.g. kubeflow-user-example-com), or set it on your kube context: "
             f"kubectl config set-context --current --namespace=<profile namespace>"
         )
-
-
-def _coerce(name: str, raw: str, kind: str) -> ParamValue:
-    try:
-        if kind == "NUMBER_INTEGER":
-            return int(raw)
-        if kind == "NUMBER_DOUBLE":
-            return float(raw)
-        if kind == "BOOLEAN":
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError("expected true or false")
-            return raw.lower() in ("true", "1")
-        if kind in ("LIST", "STRUCT"):
-            value = json.loads(raw)
-            expected = list if kind == "LIST" else dict
-            if not isinstance(value, expected):
-                raise ValueError(f"expected a JSON {expected.__name__}")
-            return value
-    except ValueError as exc:
-        raise RequestError(f"-p {name}={raw!r}: {exc} (parameter type {kind})") from exc
-    return raw
 
 
 # --------------------------------------------------------------------------------------------- requests
@@ -600,150 +467,3 @@ def _api_message(body: object) -> str:
     if isinstance(payload, dict):
         return str(payload.get("message") or payload.get("error") or text)[:300]
     return text[:300]
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``submit`` and ``schedule``; sets ``func`` (args -> exit code) on the parsed namespace."""
-    run = sub.add_parser(
-        "submit",
-        help="start one run of a compiled pipeline on a Kubeflow Pipelines endpoint",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _common_arguments(run, default_pipeline="training")
-    run.add_argument("--run-name", default=None, help="run name shown in the UI (default: <pipeline> <UTC time>)")
-    run.set_defaults(func=run_submit)
-
-    rec = sub.add_parser(
-        "schedule",
-        help="create a recurring run (6-field cron, seconds first) on a Kubeflow Pipelines endpoint",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _common_arguments(rec, default_pipeline="monthly-retrain")
-    rec.add_argument("--cron", default=DEFAULT_CRON, help=f"6-field cron, seconds first (default {DEFAULT_CRON!r})")
-    rec.add_argument("--job-name", default=None, help="recurring run name (default visionpipe-<pipeline>)")
-    rec.add_argument("--description", default=None)
-    rec.add_argument("--max-concurrency", type=int, default=1, help="runs allowed at once (default 1)")
-    rec.add_argument("--catchup", action="store_true", help="backfill missed intervals (default: no catch-up)")
-    rec.add_argument("--disabled", action="store_true", help="create the recurring run paused")
-    rec.set_defaults(func=run_schedule)
-
-
-def _common_arguments(parser: argparse.ArgumentParser, default_pipeline: str) -> None:
-    parser.add_argument(
-        "--host",
-        default=os.environ.get(HOST_ENV_VAR),
-        help=f"KFP endpoint URL, e.g. http://localhost:8080 (default ${HOST_ENV_VAR})",
-    )
-    parser.add_argument(
-        "--pipeline",
-        choices=PIPELINE_NAMES,
-        default=default_pipeline,
-        help=f"compiled pipeline from visionpipe/kfp/compiled/<name>.yaml (default {default_pipeline})",
-    )
-    parser.add_argument("--package", type=Path, default=None, help="a compiled pipeline file (overrides --pipeline)")
-    parser.add_argument(
-        "-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="pipeline argument (repeatable)"
-    )
-    parser.add_argument("--experiment", default="visionpipe", help="experiment name (created if missing)")
-    parser.add_argument(
-        "--namespace",
-        "-n",
-        default=None,
-        help="profile namespace (multi-user Kubeflow; default: the current kube context's namespace)",
-    )
-    parser.add_argument("--service-account", default=None, help="Kubernetes service account for the run")
-    parser.add_argument(
-        "--token", default=None, help=f"bearer token (default ${TOKEN_ENV_VARS[0]} or ${TOKEN_ENV_VARS[1]})"
-    )
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds for the endpoint probe (default 5)")
-    parser.add_argument("--dry-run", action="store_true", help="print the request as JSON; contact nothing")
-
-
-def build_request(args: argparse.Namespace) -> RunRequest | RecurringRunRequest:
-    """The request for parsed `visionpipe submit|schedule` arguments (raises RequestError / CronError)."""
-    package = check_package(args.package) if args.package else package_for(args.pipeline)
-    params = parse_params(package, args.param)
-    check_destination(package, params)
-    namespace, namespace_source = resolve_namespace(args.namespace)
-    if args.command == "submit":
-        from datetime import UTC, datetime
-
-        run_name = args.run_name or f"{args.pipeline} {datetime.now(UTC):%Y-%m-%d %H:%M:%S}"
-        return RunRequest(
-            experiment=args.experiment,
-            run_name=run_name,
-            package_path=package,
-            params=params,
-            namespace=namespace,
-            service_account=args.service_account,
-            namespace_source=namespace_source,
-        )
-    return RecurringRunRequest(
-        experiment=args.experiment,
-        job_name=args.job_name or f"visionpipe-{args.pipeline}",
-        package_path=package,
-        cron=args.cron,
-        params=params,
-        max_concurrency=args.max_concurrency,
-        no_catchup=not args.catchup,
-        enabled=not args.disabled,
-        description=args.description,
-        namespace=namespace,
-        service_account=args.service_account,
-        namespace_source=namespace_source,
-    )
-
-
-def run_submit(args: argparse.Namespace) -> int:
-    return _run(args)
-
-
-def run_schedule(args: argparse.Namespace) -> int:
-    return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
-    prog = f"visionpipe {args.command}"
-    try:
-        request = build_request(args)
-        host = normalise_host(args.host) if (args.host or not args.dry_run) else None
-    except (RequestError, CronError) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
-    token, token_source = resolve_token(args.token)
-    if args.dry_run:
-        described = {
-            "host": host,
-            "token": token_source,
-            "namespace_source": request.namespace_source,
-            **request.describe(),
-        }
-        print(json.dumps(described, indent=2, sort_keys=True, default=str))
-        return 0
-    assert host is not None
-    try:
-        if isinstance(request, RunRequest):
-            run_id = submit(host, request, token, args.timeout)
-            print(f"run id: {run_id}")
-        else:
-            job_id = schedule(host, request, token, args.timeout)
-            print(f"recurring run id: {job_id} (cron {request.cron!r}, UTC)")
-    except KfpError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="visionpipe")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    result: int = args.func(args)
-    return result
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

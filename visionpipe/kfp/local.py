@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kfp import local
 
-
-class ParameterError(ValueError):
-    """A `-p name=value` argument does not match the pipeline's parameters."""
+from visionpipe.kfp.progress import TaskProgress, TaskRecord
+from visionpipe.specs.params import ParameterError as ParameterError  # re-exported for parse_parameters' callers
+from visionpipe.specs.params import Value, kinds, parse_assignments
 
 
 @dataclass(frozen=True)
 class LocalRun:
+    """A finished local run: the pipeline's outputs and, when its output was followed, each task as it ran."""
+
     pipeline_root: Path
-    outputs: Mapping[str, object]  # output name -> kfp artifact (with .path / .uri / .metadata)
+    outputs: Mapping[str, object]  # pipeline output name -> value (str, ...) or kfp artifact (.path/.uri/.metadata)
     seconds: float
+    run_dir: Path | None = None  # <pipeline_root>/<pipeline>-<timestamp>, known when tasks were followed
+    tasks: tuple[TaskRecord, ...] = field(default_factory=tuple)
+    log_path: Path | None = None  # the whole kfp.local output, when it was captured
 
     def artifact_path(self, name: str) -> Path:
         artifact = self.outputs[name]
@@ -28,31 +33,44 @@ class LocalRun:
             raise KeyError(f"pipeline output {name!r} is not an artifact")
         return Path(path)
 
+    def output(self, name: str) -> object:
+        """A pipeline output by name; KeyError naming the outputs there are."""
+        if name not in self.outputs:
+            raise KeyError(f"the pipeline has no output {name!r}; outputs: {', '.join(sorted(self.outputs))}")
+        return self.outputs[name]
 
-def pipeline_parameters(pipeline: object) -> dict[str, inspect.Parameter]:
-    func = getattr(pipeline, "pipeline_func", None)
-    if func is None:
-        raise TypeError(f"{pipeline!r} is not a @dsl.pipeline")
-    return dict(inspect.signature(func).parameters)
-
-
-def parse_parameters(pipeline: object, pairs: list[str]) -> dict[str, object]:
-    """`name=value` strings -> typed arguments, using the types of the pipeline's parameter defaults."""
-    params = pipeline_parameters(pipeline)
-    out: dict[str, object] = {}
-    for pair in pairs:
-        name, sep, raw = pair.partition("=")
-        if not sep:
-            raise ParameterError(f"{pair!r}: expected name=value")
-        if name not in params:
-            raise ParameterError(f"unknown pipeline parameter {name!r}; parameters are: {', '.join(params)}")
-        default = params[name].default
-        out[name] = _coerce(name, raw, default)
-    return out
+    def task(self, display_name: str) -> TaskRecord:
+        """The last task run under `display_name` (kfp.local's name without its -N suffix)."""
+        found = [t for t in self.tasks if t.display_name == display_name]
+        if not found:
+            ran = ", ".join(t.name for t in self.tasks) or "none recorded"
+            raise KeyError(f"no task {display_name!r} in this run (tasks: {ran})")
+        return found[-1]
 
 
-def run_pipeline(pipeline: Callable[..., object], arguments: Mapping[str, object], runs_dir: Path) -> LocalRun:
-    """Run `pipeline` with kfp.local; artifacts land under `runs_dir` (one folder per run)."""
+def pipeline_table_name(pipeline: object) -> str:
+    """The run-form table of a @dsl.pipeline: "visionpipe-training" -> "training"."""
+    name = getattr(getattr(pipeline, "pipeline_spec", None), "pipeline_info", None)
+    text = getattr(name, "name", None) or getattr(pipeline, "name", "")
+    return str(text).removeprefix("visionpipe-")
+
+
+def parse_parameters(pipeline: object, pairs: Sequence[str]) -> dict[str, Value]:
+    """`name=value` strings -> typed arguments of `pipeline` (the one parser, visionpipe.specs.params)."""
+    table = pipeline_table_name(pipeline)
+    return parse_assignments(pairs, kinds(table), table)
+
+
+def run_pipeline(
+    pipeline: Callable[..., object],
+    arguments: Mapping[str, object],
+    runs_dir: Path,
+    progress: TaskProgress | None = None,
+) -> LocalRun:
+    """Run `pipeline` with kfp.local; artifacts land under `runs_dir` (one folder per run).
+
+    With `progress`, kfp.local's output (stdout and stderr) goes to it while the pipeline runs: one line per
+    task, logs under the run folder (visionpipe/kfp/progress.py). Raises RuntimeError naming the failed task."""
     from visionpipe.kfp.reaper import guard_descendants
 
     guard_descendants()  # task processes die with this one, even on SIGKILL (visionpipe/kfp/reaper.py)
@@ -60,21 +78,28 @@ def run_pipeline(pipeline: Callable[..., object], arguments: Mapping[str, object
     runs_dir.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs_dir), raise_on_error=True)
     started = time.monotonic()
-    task = pipeline(**arguments)
+    log_path: Path | None = None
+    with _captured(progress):
+        try:
+            task = pipeline(**arguments)
+        finally:
+            if progress is not None:
+                log_path = progress.close_run()
     outputs = dict(getattr(task, "outputs", {}) or {})
-    return LocalRun(pipeline_root=runs_dir, outputs=outputs, seconds=time.monotonic() - started)
+    return LocalRun(
+        pipeline_root=runs_dir,
+        outputs=outputs,
+        seconds=time.monotonic() - started,
+        run_dir=progress.run_dir if progress else None,
+        tasks=tuple(progress.tasks) if progress else (),
+        log_path=log_path,
+    )
 
 
-def _coerce(name: str, raw: str, default: object) -> object:
-    try:
-        if isinstance(default, bool):
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError("expected true or false")
-            return raw.lower() in ("true", "1")
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-    except ValueError as exc:
-        raise ParameterError(f"parameter {name}={raw!r}: {exc} (default is {default!r})") from exc
-    return raw
+@contextlib.contextmanager
+def _captured(progress: TaskProgress | None) -> Iterator[None]:
+    if progress is None:
+        yield
+        return
+    with contextlib.redirect_stdout(progress), contextlib.redirect_stderr(progress):
+        yield

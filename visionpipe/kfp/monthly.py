@@ -9,9 +9,11 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Markdown
 
-from visionpipe.kfp.training import decide_validate_export, training_resources, use_s3_secret
-from visionpipe.phases.monthly import champion_warm_start, fetch_month, start_canary
-from visionpipe.phases.supervised_train import supervised_train
+from visionpipe.kfp.components.check_run_form import check_monthly_run_form
+from visionpipe.kfp.components.monthly import champion_warm_start, fetch_month, start_canary
+from visionpipe.kfp.components.supervised_train import supervised_train
+from visionpipe.kfp.decision import decide_and_publish
+from visionpipe.kfp.platform import training_resources, use_s3_secret
 
 PIPELINE_NAME = "visionpipe-monthly-retrain"
 
@@ -19,6 +21,7 @@ PIPELINE_NAME = "visionpipe-monthly-retrain"
 class MonthlyOutputs(NamedTuple):
     dataset: Dataset
     data_summary: Markdown
+    bundle_uri: str
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Monthly retrain from the champion; export only if it holds its ground.")
@@ -122,6 +125,38 @@ def monthly_retrain_pipeline(
         canary_percent: Share of the traffic, in percent (1..100), sent to the new bundle when the canary
             starts.
     """
+    check = check_monthly_run_form(
+        data_prefix=data_prefix,
+        champion_uri=champion_uri,
+        data_month=data_month,
+        hard_examples_prefix=hard_examples_prefix,
+        positive_class=positive_class,
+        image_size=image_size,
+        seed=seed,
+        recipe=recipe,
+        recipe_overrides_json=recipe_overrides_json,
+        checkpoint_uri=checkpoint_uri,
+        objective=objective,
+        target_selective_accuracy=target_selective_accuracy,
+        bootstrap=bootstrap,
+        calibration_method=calibration_method,
+        alpha=alpha,
+        conformal_score=conformal_score,
+        scrc_selection_rate=scrc_selection_rate,
+        scrc_delta=scrc_delta,
+        active_policy=active_policy,
+        model_name=model_name,
+        submitter=submitter,
+        min_accuracy=min_accuracy,
+        min_mcc=min_mcc,
+        max_ece=max_ece,
+        champion_margin=champion_margin,
+        destination=destination,
+        start_canary_enabled=start_canary_enabled,
+        isvc_name=isvc_name,
+        namespace=namespace,
+        canary_percent=canary_percent,
+    ).set_display_name("check_run_form")
     month = fetch_month(
         data_prefix=data_prefix,
         data_month=data_month,
@@ -131,6 +166,9 @@ def monthly_retrain_pipeline(
         image_size=image_size,
     ).set_display_name("fetch_month")
     warm = champion_warm_start(champion_uri=champion_uri).set_display_name("champion_warm_start")
+    for task in (month, warm):  # nothing runs on a run form that check_run_form refused
+        task.after(check)
+        use_s3_secret(task)  # data_prefix, hard_examples_prefix and champion_uri may be s3://
     train = supervised_train(
         dataset=month.outputs["dataset"],
         recipe=recipe,
@@ -139,37 +177,41 @@ def monthly_retrain_pipeline(
         checkpoint_uri=checkpoint_uri,
     ).set_display_name("supervised_train")
     training_resources(train)
-    decisions: dict[str, object] = {
-        "objective": objective,
-        "target_selective_accuracy": target_selective_accuracy,
-        "bootstrap": bootstrap,
-        "method": calibration_method,
-        "alpha": alpha,
-        "conformal_score": conformal_score,
-        "scrc_selection_rate": scrc_selection_rate,
-        "scrc_delta": scrc_delta,
-        "active_policy": active_policy,
-        "seed": seed,
-    }
-    release: dict[str, object] = {
-        "model_name": model_name,
-        "description": "",
-        "submitter": submitter,
-        "parent_bundle": champion_uri,
-        "min_accuracy": min_accuracy,
-        "min_mcc": min_mcc,
-        "max_ece": max_ece,
-        "champion_uri": champion_uri,
-        "champion_margin": champion_margin,
-    }
-    published = decide_validate_export(month.outputs["dataset"], train, decisions, release, destination)
+    decision = decide_and_publish(
+        dataset=month.outputs["dataset"],
+        model=train.outputs["model"],
+        logits=train.outputs["logits"],
+        objective=objective,
+        target_selective_accuracy=target_selective_accuracy,
+        bootstrap=bootstrap,
+        calibration_method=calibration_method,
+        alpha=alpha,
+        conformal_score=conformal_score,
+        scrc_selection_rate=scrc_selection_rate,
+        scrc_delta=scrc_delta,
+        active_policy=active_policy,
+        seed=seed,
+        model_name=model_name,
+        description="",
+        submitter=submitter,
+        parent_bundle=champion_uri,
+        min_accuracy=min_accuracy,
+        min_mcc=min_mcc,
+        max_ece=max_ece,
+        champion_uri=champion_uri,
+        champion_margin=champion_margin,
+        threshold_at_half=False,
+        destination=destination,
+    ).set_display_name("decide_and_publish")
     with dsl.If(start_canary_enabled == True, name="canary"):  # noqa: E712 (KFP condition syntax)
         start_canary(
-            bundle_uri=published.outputs["Output"],
+            bundle_uri=decision.outputs["bundle_uri"],
             isvc_name=isvc_name,
             namespace=namespace,
             canary_percent=canary_percent,
         ).set_display_name("start_canary")
-    for task in (month, warm):  # data_prefix, hard_examples_prefix and champion_uri may be s3://
-        use_s3_secret(task)
-    return MonthlyOutputs(dataset=month.outputs["dataset"], data_summary=month.outputs["summary"])
+    return MonthlyOutputs(
+        dataset=month.outputs["dataset"],
+        data_summary=month.outputs["summary"],
+        bundle_uri=decision.outputs["bundle_uri"],
+    )

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 from kfp import dsl
 
 if TYPE_CHECKING:  # importing it at run time inside a running component is a circular import in kfp
+    from kfp.dsl.pipeline_task import PipelineTask
     from kfp.dsl.python_component import PythonComponent
 
 # The image every executor of the compiled IR names (built from the repository's Dockerfile). Components are
@@ -31,3 +32,46 @@ def component(func: Callable[..., object]) -> "PythonComponent":
     if decorator is None:
         return func
     return decorator(base_image=BASE_IMAGE, install_kfp_package=False)(func)
+
+
+# ------------------------------------------------------------------------------- Kubernetes settings of steps
+# kfp.kubernetes writes these into the task's platform config; the compiler merges the config of tasks inside a
+# pipeline-as-component into the one platform spec (kfp/compiler/pipeline_spec_builder.py
+# `build_spec_by_group`, `merge_platform_specs`), so the decision sub-graph's steps keep theirs.
+def use_s3_secret(task: "PipelineTask") -> None:
+    """Mount the S3 Secret as environment variables of a step that reads or writes s3:// URIs.
+
+    Not optional (``optional=False``, kfp/kubernetes/secret.py `use_secret_as_env`): the KFP driver turns every key
+    into an env var with a ``secretKeyRef`` carrying that flag (kubeflow/pipelines backend/src/v2/driver,
+    extendPodSpecPatch), so Kubernetes refuses to start the step (CreateContainerConfigError naming the Secret or
+    the key) while the Secret or any key of S3_SECRET_KEYS is missing, instead of running it without credentials.
+    kfp.local never reads the Kubernetes platform config (nothing under kfp/local/ reads ``platform_config`` /
+    ``platform_spec``), so local runs are unaffected.
+    """
+    from kfp import kubernetes
+
+    from visionpipe.serving.storage import S3_SECRET, S3_SECRET_KEYS  # the Secret and its keys (manifests/common)
+
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS, optional=False)
+
+
+def use_signing_secret(task: "PipelineTask") -> None:
+    """Mount the bundle signing key (Secret `visionpipe-signing-key`, key `signing-key`) on a step that writes or
+    verifies a bundle. Not optional, like the S3 Secret: a bundle signed with a key made in the pod would be refused
+    by every server as `untrusted_key` (bundle_validation also refuses to start signing without it), and export's
+    re-verification trusts the public half of that key."""
+    from kfp import kubernetes
+
+    from visionpipe.phases.pod import SIGNING_SECRET, SIGNING_SECRET_KEYS
+
+    kubernetes.use_secret_as_env(
+        task, secret_name=SIGNING_SECRET, secret_key_to_env=SIGNING_SECRET_KEYS, optional=False
+    )
+
+
+def training_resources(task: "PipelineTask") -> None:
+    """Cluster resources for the training steps (ignored by kfp.local); retries resume from the checkpoint (kept
+    in the pod, and mirrored to checkpoint_uri with the S3 credentials of the secret when that is set)."""
+    task.set_cpu_request("2").set_memory_request("4G").set_memory_limit("16G")
+    task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
+    use_s3_secret(task)

@@ -8,92 +8,25 @@ kfp/dsl/component_factory.py). Locally, `visionpipe run` / `make demo` run the s
 
 from typing import NamedTuple
 
-from kfp import dsl, kubernetes
+from kfp import dsl
 from kfp.dsl import Dataset, Markdown
 
-from visionpipe.phases.bundle_validation import bundle_validation
-from visionpipe.phases.calibration import calibrate
-from visionpipe.phases.data_fetch import data_fetch
-from visionpipe.phases.domain_pretrain import domain_pretrain
-from visionpipe.phases.export import export
-from visionpipe.phases.model_spec import resolve_model_spec
-from visionpipe.phases.supervised_train import supervised_train
-from visionpipe.phases.threshold_sweep import threshold_sweep
-from visionpipe.serving.storage import S3_SECRET, S3_SECRET_KEYS  # the Secret and its keys (manifests/common)
+from visionpipe.kfp.components.check_run_form import check_training_run_form
+from visionpipe.kfp.components.data_fetch import data_fetch
+from visionpipe.kfp.components.domain_pretrain import domain_pretrain
+from visionpipe.kfp.components.model_spec import resolve_model_spec
+from visionpipe.kfp.components.supervised_train import supervised_train
+from visionpipe.kfp.decision import decide_and_publish
+from visionpipe.kfp.platform import training_resources, use_s3_secret
+from visionpipe.serving.storage import S3_SECRET, S3_SECRET_KEYS  # noqa: F401 (re-exported: the Secret and its keys)
 
 PIPELINE_NAME = "visionpipe-training"
-
-
-def use_s3_secret(task: dsl.PipelineTask) -> None:
-    """Mount the S3 Secret as environment variables of a step that reads or writes s3:// URIs.
-
-    Not optional (``optional=False``, kfp/kubernetes/secret.py `use_secret_as_env`): the KFP driver turns every key
-    into an env var with a ``secretKeyRef`` carrying that flag (kubeflow/pipelines backend/src/v2/driver,
-    extendPodSpecPatch), so Kubernetes refuses to start the step (CreateContainerConfigError naming the Secret or
-    the key) while the Secret or any key of S3_SECRET_KEYS is missing, instead of running it without credentials.
-    kfp.local never reads the Kubernetes platform config (nothing under kfp/local/ reads ``platform_config`` /
-    ``platform_spec``), so local runs are unaffected.
-    """
-    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS, optional=False)
-
-
-def use_signing_secret(task: dsl.PipelineTask) -> None:
-    """Mount the bundle signing key (Secret `visionpipe-signing-key`, key `signing-key`) on a step that writes a
-    bundle. Not optional, like the S3 Secret: a bundle signed with a key made in the pod would be refused by
-    every server as `untrusted_key` (the step also refuses to start signing without it)."""
-    from visionpipe.phases.pod import SIGNING_SECRET, SIGNING_SECRET_KEYS
-
-    kubernetes.use_secret_as_env(
-        task, secret_name=SIGNING_SECRET, secret_key_to_env=SIGNING_SECRET_KEYS, optional=False
-    )
 
 
 class TrainingOutputs(NamedTuple):
     dataset: Dataset
     data_summary: Markdown
-
-
-def training_resources(task: dsl.PipelineTask) -> None:
-    """Cluster resources for the training steps (ignored by kfp.local); retries resume from the checkpoint (kept
-    in the pod, and mirrored to checkpoint_uri with the S3 credentials of the secret when that is set)."""
-    task.set_cpu_request("2").set_memory_request("4G").set_memory_limit("16G")
-    task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
-    use_s3_secret(task)
-
-
-def decide_validate_export(
-    dataset: object,
-    train: dsl.PipelineTask,
-    decisions: dict[str, object],
-    release: dict[str, object],
-    destination: object,
-    threshold_at_half: object = False,
-) -> dsl.PipelineTask:
-    """threshold_sweep -> calibration -> bundle_validation -> export, on one training task's outputs."""
-    logits = train.outputs["logits"]
-    sweep_keys = ("objective", "target_selective_accuracy", "bootstrap", "seed")
-    sweep = threshold_sweep(logits=logits, **{k: decisions[k] for k in sweep_keys}).set_display_name("threshold_sweep")
-    calibration = calibrate(
-        logits=logits,
-        decision=sweep.outputs["decision"],
-        **{k: v for k, v in decisions.items() if k not in sweep_keys[:3]},
-    ).set_display_name("calibration")
-    validation = bundle_validation(
-        dataset=dataset,
-        model=train.outputs["model"],
-        logits=logits,
-        threshold=sweep.outputs["decision"],
-        calibration=calibration.outputs["calibration"],
-        **release,
-    ).set_display_name("bundle_validation")
-    published = export(
-        bundle=validation.outputs["bundle"], destination=destination, threshold_at_half=threshold_at_half
-    )
-    published.set_display_name("export").set_caching_options(False)
-    for task in (validation, published):  # champion_uri / destination may be s3://; both write signed bundles
-        use_s3_secret(task)
-        use_signing_secret(task)
-    return published
+    bundle_uri: str
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Train, threshold, calibrate, validate and publish an image classifier.")
@@ -208,6 +141,43 @@ def training_pipeline(
         threshold_at_half: true = publish a two-class bundle (positive_class set) whose calibrated probability is
             remapped so that the decision threshold sits at 0.5 (same decisions); false = publish as validated.
     """
+    check = check_training_run_form(
+        source=source,
+        positive_class=positive_class,
+        image_size=image_size,
+        train_ratio=train_ratio,
+        val_select_ratio=val_select_ratio,
+        val_calib_ratio=val_calib_ratio,
+        val_test_ratio=val_test_ratio,
+        seed=seed,
+        max_bad_fraction=max_bad_fraction,
+        recipe=recipe,
+        recipe_overrides_json=recipe_overrides_json,
+        checkpoint_uri=checkpoint_uri,
+        domain_pretrain_enabled=domain_pretrain_enabled,
+        pretrain_epochs=pretrain_epochs,
+        pretrain_max_steps=pretrain_max_steps,
+        objective=objective,
+        target_selective_accuracy=target_selective_accuracy,
+        bootstrap=bootstrap,
+        calibration_method=calibration_method,
+        alpha=alpha,
+        conformal_score=conformal_score,
+        scrc_selection_rate=scrc_selection_rate,
+        scrc_delta=scrc_delta,
+        active_policy=active_policy,
+        model_name=model_name,
+        description=description,
+        submitter=submitter,
+        parent_bundle=parent_bundle,
+        min_accuracy=min_accuracy,
+        min_mcc=min_mcc,
+        max_ece=max_ece,
+        champion_uri=champion_uri,
+        champion_margin=champion_margin,
+        destination=destination,
+        threshold_at_half=threshold_at_half,
+    ).set_display_name("check_run_form")
     fetch = data_fetch(
         source=source,
         positive_class=positive_class,
@@ -219,59 +189,59 @@ def training_pipeline(
         seed=seed,
         max_bad_fraction=max_bad_fraction,
     ).set_display_name("data_fetch")
-    dataset = fetch.outputs["dataset"]
-
-    decisions: dict[str, object] = {
-        "objective": objective,
-        "target_selective_accuracy": target_selective_accuracy,
-        "bootstrap": bootstrap,
-        "method": calibration_method,
-        "alpha": alpha,
-        "conformal_score": conformal_score,
-        "scrc_selection_rate": scrc_selection_rate,
-        "scrc_delta": scrc_delta,
-        "active_policy": active_policy,
-        "seed": seed,
-    }
-    release: dict[str, object] = {
-        "model_name": model_name,
-        "description": description,
-        "submitter": submitter,
-        "parent_bundle": parent_bundle,
-        "min_accuracy": min_accuracy,
-        "min_mcc": min_mcc,
-        "max_ece": max_ece,
-        "champion_uri": champion_uri,
-        "champion_margin": champion_margin,
-    }
-    # kfp.local cannot resolve dsl.OneOf yet, so each branch carries its own copy of the downstream phases.
-    with dsl.If(domain_pretrain_enabled == True, name="domain-pretrain-on"):  # noqa: E712 (KFP condition syntax)
-        spec = resolve_model_spec(
-            dataset=dataset, recipe=recipe, recipe_overrides_json=recipe_overrides_json
-        ).set_display_name("resolve_model_spec")
-        pretrain = domain_pretrain(
-            dataset=dataset,
-            arch_json=spec.outputs["arch_json"],
-            preprocess_json=spec.outputs["preprocess_json"],
-            epochs=pretrain_epochs,
-            max_steps=pretrain_max_steps,
-            seed=seed,
-        ).set_display_name("domain_pretrain")
-        training_resources(pretrain)
-        adapted = supervised_train(
-            dataset=dataset,
-            recipe=recipe,
-            recipe_overrides_json=recipe_overrides_json,
-            backbone=pretrain.outputs["backbone"],
-            checkpoint_uri=checkpoint_uri,
-        ).set_display_name("supervised_train")
-        training_resources(adapted)
-        decide_validate_export(dataset, adapted, decisions, release, destination, threshold_at_half)
-    with dsl.Else(name="domain-pretrain-off"):
-        scratch = supervised_train(
-            dataset=dataset, recipe=recipe, recipe_overrides_json=recipe_overrides_json, checkpoint_uri=checkpoint_uri
-        ).set_display_name("supervised_train")
-        training_resources(scratch)
-        decide_validate_export(dataset, scratch, decisions, release, destination, threshold_at_half)
+    fetch.after(check)  # nothing runs on a run form that check_run_form refused
     use_s3_secret(fetch)
-    return TrainingOutputs(dataset=dataset, data_summary=fetch.outputs["summary"])
+    dataset = fetch.outputs["dataset"]
+    spec = resolve_model_spec(
+        dataset=dataset, recipe=recipe, recipe_overrides_json=recipe_overrides_json
+    ).set_display_name("resolve_model_spec")
+    # domain_pretrain always runs: with enabled=False it only writes a pass-through backbone, which
+    # supervised_train treats as no backbone (kfp.local 2.17.3 cannot resolve an artifact dsl.OneOf of two
+    # branches: kfp/local/orchestrator/orchestrator_utils.py `get_dag_output_artifacts`).
+    pretrain = domain_pretrain(
+        dataset=dataset,
+        arch_json=spec.outputs["arch_json"],
+        preprocess_json=spec.outputs["preprocess_json"],
+        epochs=pretrain_epochs,
+        max_steps=pretrain_max_steps,
+        seed=seed,
+        enabled=domain_pretrain_enabled,
+    ).set_display_name("domain_pretrain")
+    training_resources(pretrain)
+    train = supervised_train(
+        dataset=dataset,
+        recipe=recipe,
+        recipe_overrides_json=recipe_overrides_json,
+        backbone=pretrain.outputs["backbone"],
+        checkpoint_uri=checkpoint_uri,
+    ).set_display_name("supervised_train")
+    training_resources(train)
+    decision = decide_and_publish(
+        dataset=dataset,
+        model=train.outputs["model"],
+        logits=train.outputs["logits"],
+        objective=objective,
+        target_selective_accuracy=target_selective_accuracy,
+        bootstrap=bootstrap,
+        calibration_method=calibration_method,
+        alpha=alpha,
+        conformal_score=conformal_score,
+        scrc_selection_rate=scrc_selection_rate,
+        scrc_delta=scrc_delta,
+        active_policy=active_policy,
+        seed=seed,
+        model_name=model_name,
+        description=description,
+        submitter=submitter,
+        parent_bundle=parent_bundle,
+        min_accuracy=min_accuracy,
+        min_mcc=min_mcc,
+        max_ece=max_ece,
+        champion_uri=champion_uri,
+        champion_margin=champion_margin,
+        threshold_at_half=threshold_at_half,
+        destination=destination,
+    ).set_display_name("decide_and_publish")
+    return TrainingOutputs(
+        dataset=dataset, data_summary=fetch.outputs["summary"], bundle_uri=decision.outputs["bundle_uri"]
+    )

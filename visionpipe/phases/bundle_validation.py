@@ -12,12 +12,17 @@ through `visionpipe.serving.bundle.write_bundle`, then checked:
                     metrics the bundle reports
   quality gates     min accuracy, min MCC (binary), max ECE on val_test
   champion          optional: not worse than the champion bundle by more than a margin on the same val_test
+  threshold_at_half optional (`threshold_at_half=True`, binary tasks): the bundle is assembled with a calibrator
+                    whose positive probability is remapped so the chosen calibrated threshold lands on 0.5 and a
+                    threshold policy at 0.5; this check shows its decisions on val_calib and val_test equal those
+                    of the fitted calibrator with the sweep's threshold, image for image
+
+The bundle checked (and signed) here is the one export publishes, unchanged, threshold_at_half included: every
+check above, the quality gates too, applies to the bundle as served ("served = validated", docs/DESIGN.md).
 
 Every failed check is named in the report; the step then fails and the candidate's bundle.json is removed,
 so a failed candidate can never be loaded.
 """
-
-# No `from __future__ import annotations` here: KFP reads the component signature at import time.
 
 import datetime as dt
 import json
@@ -28,12 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 from sklearn.metrics import matthews_corrcoef
 
 from visionpipe.data.datasets import Dataset as LoadedDataset
 from visionpipe.data.datasets import load_dataset
-from visionpipe.kfp.platform import component
 from visionpipe.serving import metrics as M
 from visionpipe.serving.bundle import (
     BUNDLE_FILE,
@@ -51,6 +54,10 @@ IntArray = npt.NDArray[np.int64]
 
 class ValidationFailed(RuntimeError):
     """The candidate failed one or more checks; the message names every failed check."""
+
+
+class ThresholdAtHalfError(ValueError):
+    """threshold_at_half was asked of a bundle it cannot apply to (not binary, or no calibrated threshold)."""
 
 
 @dataclass(frozen=True)
@@ -112,16 +119,26 @@ def run(
     description: str = "",
     submitter: str = "",
     parent_bundle: str = "",
+    threshold_at_half: bool = False,
 ) -> ValidationResult:
-    """Assemble the candidate bundle in `out_dir`, run every check, and fail (ValidationFailed) if any fails."""
+    """Assemble the candidate bundle in `out_dir`, run every check, and fail (ValidationFailed) if any fails.
+
+    threshold_at_half: assemble the binary bundle whose threshold sits at 0.5 (see the module docstring) instead;
+    ThresholdAtHalfError, before anything is written, when the task is not binary or the threshold is raw."""
     dataset = load_dataset(dataset_dir)
     model_info = _read_json(model_dir / "model.json")
-    calibration = _read_json(calibration_dir / "calibration.json")
+    fitted = _read_json(calibration_dir / "calibration.json")
     threshold = _read_json(threshold_dir / "threshold.json") if threshold_dir else {}
     logits = {s: _load_npz(logits_dir / f"{s}.npz") for s in ("val_calib", "val_test")}
 
+    calibration, half_threshold = (
+        at_half_calibration(fitted, dataset.classes, dataset.positive_class) if threshold_at_half else (fitted, None)
+    )
     reported = reported_metrics(calibration, logits)
     manifest = assemble_manifest(dataset, model_info, calibration, threshold, reported, name, parent_bundle)
+    if half_threshold is not None:
+        manifest["threshold_at_half"] = {"threshold": half_threshold, "base_version": manifest["version"]}
+        manifest["version"] = f"{manifest['version']}-half"
     card = {
         "name": name,
         "description": description or f"{name}: {len(dataset.classes)}-class image classifier",
@@ -140,6 +157,8 @@ def run(
         result.checks.extend(check_gates(reported["val_test"], gates, dataset.positive_index is not None))
         if gates.champion_uri:
             result.checks.append(check_champion(runtime, dataset, gates))
+        if half_threshold is not None:
+            result.checks.append(check_threshold_at_half(runtime, fitted, logits))
     result.report_markdown = render_report(result, manifest)
     (out_dir / "reports").mkdir(exist_ok=True)
     (out_dir / "reports" / "validation.md").write_text(result.report_markdown)
@@ -162,7 +181,7 @@ def assemble_manifest(
     """The bundle.json fields (all but `files` and the weights paths, which write_bundle fills in)."""
     preprocess = _as_dict(model_info["preprocess"])
     arch = _as_dict(model_info["arch"])
-    from visionpipe.serving.preprocessing import PreprocessSpec
+    from visionpipe.specs import PreprocessSpec
 
     spec = PreprocessSpec.from_dict(preprocess)
     created = dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -340,6 +359,65 @@ def check_champion(runtime: BundleModel, dataset: LoadedDataset, gates: Gates) -
     )
 
 
+def check_threshold_at_half(
+    runtime: BundleModel, fitted: dict[str, object], logits: dict[str, tuple[FloatArray, IntArray]]
+) -> Check:
+    """The bundle's decisions (threshold at 0.5 on the remapped probability) equal those of the fitted calibrator
+    with the sweep's calibrated threshold, on every val_calib and val_test image."""
+    from visionpipe.serving.calibrators import calibrator_from_dict
+    from visionpipe.serving.policies import ThresholdPolicy, apply_policy
+
+    base = calibrator_from_dict(_as_dict(fitted["calibrator"]))
+    threshold = calibrated_threshold(_as_dict(fitted["policy"]))
+    policy = ThresholdPolicy(threshold, "calibrated", "binary", base.positive_index)
+    problems = []
+    for split, (z, _y) in logits.items():
+        log_probs = M.log_softmax(z)
+        expected = apply_policy(policy, base.probabilities(log_probs), M.softmax(z)).labels
+        mismatched = int(np.sum(runtime.decide(log_probs).decisions.labels != expected))
+        if mismatched:
+            problems.append(f"{split}: {mismatched} decision(s) differ from threshold {threshold:.6g}")
+    detail = "; ".join(problems) or f"decisions identical to the calibrated threshold {threshold:.6g}, 0.5 served"
+    return Check("threshold_at_half", not problems, detail)
+
+
+# ------------------------------------------------------------------------------------------- threshold_at_half
+def at_half_calibration(
+    calibration: dict[str, object], classes: tuple[str, ...] | list[str], positive_class: str | None
+) -> tuple[dict[str, object], float]:
+    """calibration.json's content with the calibrator remapped so the calibrated threshold lands on 0.5 and a
+    threshold policy at 0.5 (same decisions), and that threshold."""
+    from visionpipe.serving.calibrators import ThresholdAtHalfCalibrator, calibrator_from_dict
+    from visionpipe.serving.policies import ThresholdPolicy
+
+    if positive_class is None or len(classes) != 2:
+        raise ThresholdAtHalfError("threshold_at_half needs a binary bundle (two classes and a positive class)")
+    threshold = calibrated_threshold(_as_dict(calibration["policy"]))
+    base = calibrator_from_dict(_as_dict(calibration["calibrator"]))
+    calibrator = ThresholdAtHalfCalibrator(2, list(classes).index(positive_class), base, threshold)
+    policy = ThresholdPolicy(0.5, "calibrated", "binary", calibrator.positive_index)
+    return {**calibration, "calibrator": calibrator.to_dict(), "policy": policy.to_dict()}, threshold
+
+
+def calibrated_threshold(policy: dict[str, object]) -> float:
+    """The binary decision threshold of a policy (a threshold policy, or a hybrid's threshold sub-policy)."""
+    candidates = [policy]
+    subs = policy.get("policies")
+    if isinstance(subs, dict):
+        active = subs.get(str(policy.get("active")))
+        candidates = [p for p in (active, *subs.values()) if isinstance(p, dict)]
+    for p in candidates:
+        if p.get("kind") == "threshold" and p.get("task") == "binary":
+            if p.get("space") != "calibrated":
+                raise ThresholdAtHalfError(
+                    "threshold_at_half needs the threshold in the calibrated probability space; this bundle's is "
+                    f"{p.get('space')!r} (the calibration kept it raw, e.g. isotonic); calibrate with temperature, "
+                    "platt or beta"
+                )
+            return float(str(p["threshold"]))
+    raise ThresholdAtHalfError("threshold_at_half needs a binary threshold policy; the bundle has none")
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 
@@ -398,65 +476,3 @@ def _as_dict(value: object) -> dict[str, object]:
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object, got {type(value).__name__}")
     return value
-
-
-# ----------------------------------------------------------------------------------------------- component
-
-
-@component
-def bundle_validation(
-    dataset: Input[Dataset],
-    model: Input[Model],
-    logits: Input[Artifact],
-    threshold: Input[Artifact],
-    calibration: Input[Artifact],
-    bundle: Output[Model],
-    report: Output[Markdown],
-    metrics: Output[Metrics],
-    model_name: str = "visionpipe-model",
-    description: str = "",
-    submitter: str = "",
-    parent_bundle: str = "",
-    min_accuracy: float = -1.0,
-    min_mcc: float = -2.0,
-    max_ece: float = -1.0,
-    champion_uri: str = "",
-    champion_margin: float = 0.0,
-) -> None:
-    """Assemble the candidate bundle and check it: schema, checksums, preprocessing signature, policy, split
-    contract, parity with training, quality gates (negative = off) and the optional champion. Fails the step,
-    naming every failed check, when any check fails."""
-    from visionpipe.phases.pod import require_s3_credentials, require_signing_key_in_pod
-
-    require_s3_credentials(champion_uri)  # first thing: no S3 settings -> fail naming the Secret, before any work
-    require_signing_key_in_pod()  # on a cluster the bundle must be signed with the key serving trusts
-
-    import json
-    from pathlib import Path
-
-    from visionpipe.phases.bundle_validation import Gates, ValidationFailed, run
-
-    try:
-        result = run(
-            Path(dataset.path),
-            Path(model.path),
-            Path(logits.path),
-            Path(calibration.path),
-            Path(bundle.path),
-            threshold_dir=Path(threshold.path),
-            gates=Gates(min_accuracy, min_mcc, max_ece, champion_uri, champion_margin),
-            name=model_name,
-            description=description,
-            submitter=submitter,
-            parent_bundle=parent_bundle,
-        )
-    except ValidationFailed as exc:
-        Path(report.path).write_text(str(exc).split("\n\n", 1)[-1])
-        raise
-    Path(report.path).write_text(result.report_markdown)
-    for split, values in result.metrics.items():
-        for key in ("accuracy", "mcc", "ece", "nll", "coverage"):
-            if key in values:
-                metrics.log_metric(f"{split}_{key}", round(float(values[key]), 6))
-    bundle.metadata.update({"version": json.loads((Path(bundle.path) / "bundle.json").read_text())["version"]})
-    print(result.report_markdown)

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Output
 
-from visionpipe.kfp.platform import component
+from visionpipe.phases.calibrators_fit import fit_calibrator
 from visionpipe.phases.conformal import ScrcFit, evaluate_conformal, fit_conformal, fit_scrc, scrc_report
 from visionpipe.phases.report import Table, html_page
 from visionpipe.phases.threshold_sweep import LogitsMeta, load_logits, load_meta
-from visionpipe.serving.calibrators import CALIBRATION_METHODS, Calibrator, make_calibrator
+from visionpipe.serving.calibrators import CALIBRATION_METHODS, Calibrator
 from visionpipe.serving.metrics import FloatArray, IntArray, calibration_bins, calibration_report, nll, softmax
 from visionpipe.serving.policies import (
     CONFORMAL_METHODS,
@@ -54,7 +53,7 @@ class CalibrationPhaseError(ValueError):
 
 @dataclass(frozen=True)
 class CalibrationParams:
-    method: str = "auto"
+    calibration_method: str = "auto"
     alpha: float = 0.1
     conformal_score: str = "aps"
     scrc_selection_rate: float = 0.9
@@ -63,8 +62,10 @@ class CalibrationParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHOD_CHOICES:
-            raise CalibrationPhaseError(f"method={self.method!r} is not one of {METHOD_CHOICES}")
+        if self.calibration_method not in METHOD_CHOICES:
+            raise CalibrationPhaseError(
+                f"calibration_method={self.calibration_method!r} is not one of {METHOD_CHOICES}"
+            )
         if self.conformal_score not in CONFORMAL_METHODS:
             raise CalibrationPhaseError(f"conformal_score={self.conformal_score!r} is not one of {CONFORMAL_METHODS}")
         if self.active_policy not in ACTIVE_CHOICES:
@@ -116,7 +117,7 @@ def run(
     logits_dir: Path,
     threshold_dir: Path,
     out_dir: Path,
-    method: str = "auto",
+    calibration_method: str = "auto",
     alpha: float = 0.1,
     conformal_score: str = "aps",
     scrc_selection_rate: float = 0.9,
@@ -125,14 +126,16 @@ def run(
     seed: int = 0,
 ) -> CalibrationResult:
     """Fit on val_calib, report on val_test; write calibration.json, reliability.png and summary.md."""
-    params = CalibrationParams(method, alpha, conformal_score, scrc_selection_rate, scrc_delta, active_policy, seed)
+    params = CalibrationParams(
+        calibration_method, alpha, conformal_score, scrc_selection_rate, scrc_delta, active_policy, seed
+    )
     meta = load_meta(logits_dir)
     calib_logits, calib_labels = load_logits(logits_dir, "val_calib")
     test_logits, test_labels = load_logits(logits_dir, "val_test")
     sweep_policy = load_threshold_policy(threshold_dir)
 
     chosen, cv_nll = select_method(meta, calib_logits, calib_labels, params)
-    calibrator = make_calibrator(chosen, len(meta.classes), meta.positive_index).fit(calib_logits, calib_labels)
+    calibrator = fit_calibrator(chosen, len(meta.classes), calib_logits, calib_labels, meta.positive_index)
     cross_fitted = cross_fit_probabilities(chosen, meta, calib_logits, calib_labels, seed)
 
     raw_calib, cal_calib = softmax(calib_logits), calibrator.probabilities(calib_logits)
@@ -167,7 +170,7 @@ def run(
             "val_test": scrc_report(scrc.policy, cal_test, test_labels),
         },
         method=chosen,
-        requested_method=method,
+        requested_method=calibration_method,
         cv_nll=cv_nll,
         seed=seed,
         notes=(carry_note,) + (() if scrc.feasible else ("scrc infeasible at this n: every image abstains",)),
@@ -196,12 +199,13 @@ def select_method(
 ) -> tuple[str, dict[str, float]]:
     """(method, cross-fitted NLL per candidate); a fixed method is validated and scored alone."""
     candidates = candidate_methods(len(meta.classes))
-    if params.method != "auto":
-        if params.method not in candidates:
+    if params.calibration_method != "auto":
+        if params.calibration_method not in candidates:
             raise CalibrationPhaseError(
-                f"method={params.method!r} is not available for K={len(meta.classes)}; allowed: {candidates}"
+                f"calibration_method={params.calibration_method!r} is not available for K={len(meta.classes)}; "
+                f"allowed: {candidates}"
             )
-        candidates = (params.method,)
+        candidates = (params.calibration_method,)
     scores = {m: nll(cross_fit_probabilities(m, meta, logits, labels, params.seed), labels) for m in candidates}
     return min(candidates, key=lambda m: (scores[m], candidates.index(m))), scores
 
@@ -212,8 +216,8 @@ def cross_fit_probabilities(
     """Out-of-fold calibrated probabilities: each fold is predicted by a calibrator fitted on the others."""
     out = np.empty(logits.shape, dtype=np.float64)
     for train_idx, test_idx in _folds(labels, seed):
-        cal = make_calibrator(method, len(meta.classes), meta.positive_index)
-        out[test_idx] = cal.fit(logits[train_idx], labels[train_idx]).probabilities(logits[test_idx])
+        cal = fit_calibrator(method, len(meta.classes), logits[train_idx], labels[train_idx], meta.positive_index)
+        out[test_idx] = cal.probabilities(logits[test_idx])
     return out
 
 
@@ -344,47 +348,3 @@ def _reliability_plot(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------- component
-@component
-def calibrate(
-    logits: Input[Artifact],
-    decision: Input[Artifact],
-    calibration: Output[Artifact],
-    metrics: Output[Metrics],
-    summary: Output[Markdown],
-    reliability_diagram: Output[HTML],
-    method: str = "auto",
-    alpha: float = 0.1,
-    conformal_score: str = "aps",
-    scrc_selection_rate: float = 0.9,
-    scrc_delta: float = 0.1,
-    active_policy: str = "threshold",
-    seed: int = 0,
-) -> None:
-    """Fit the calibrator (chosen by cross-fitted NLL), conformal sets and the SCRC policy on val_calib;
-    carry the sweep threshold into the calibrated space; report ECE/Brier/NLL before and after.
-    reliability_diagram: the diagram and key figures as an HTML page the Kubeflow UI shows."""
-    from pathlib import Path
-
-    from visionpipe.phases.calibration import HTML_FILE, run, summary_markdown
-
-    result = run(
-        Path(logits.path),
-        Path(decision.path),
-        Path(calibration.path),
-        method=method,
-        alpha=alpha,
-        conformal_score=conformal_score,
-        scrc_selection_rate=scrc_selection_rate,
-        scrc_delta=scrc_delta,
-        active_policy=active_policy,
-        seed=seed,
-    )
-    for split, stages in result.metrics.items():
-        for stage, values in stages.items():
-            for key in ("ece", "nll", "brier"):
-                metrics.log_metric(f"{split}_{stage}_{key}", values[key])
-    Path(summary.path).write_text(summary_markdown(result))
-    Path(reliability_diagram.path).write_text((Path(calibration.path) / HTML_FILE).read_text())

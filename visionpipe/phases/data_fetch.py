@@ -10,8 +10,6 @@ Class names are sorted; the class index is the position in that order. Splits ar
 images with identical content (same pixel hash) form one group that is never cut across two splits.
 """
 
-# No `from __future__ import annotations` here: KFP reads the component signature at import time.
-
 import io
 import math
 from collections import Counter, defaultdict
@@ -20,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from kfp.dsl import Dataset, Markdown, Output
 
 from visionpipe.data.datasets import (
     FORMAT,
@@ -31,7 +28,6 @@ from visionpipe.data.datasets import (
     fingerprint_of,
     write_json,
 )
-from visionpipe.kfp.platform import component
 
 BUILTIN_DIGITS = "builtin://sklearn-digits"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -500,47 +496,3 @@ def _four(ratios: Sequence[float]) -> tuple[float, float, float, float]:
     if len(values) != 4:
         raise DataFetchError(f"ratios needs 4 values ({', '.join(SPLITS)}), got {len(values)}")
     return values[0], values[1], values[2], values[3]
-
-
-# ------------------------------------------------------------------------------------------ component
-
-
-@component
-def data_fetch(
-    dataset: Output[Dataset],
-    summary: Output[Markdown],
-    source: str = "builtin://sklearn-digits",
-    train_ratio: float = 0.7,
-    val_select_ratio: float = 0.1,
-    val_calib_ratio: float = 0.1,
-    val_test_ratio: float = 0.1,
-    seed: int = 0,
-    positive_class: str = "",
-    image_size: int = 0,
-    min_per_class_per_split: int = 1,
-    max_bad_fraction: float = 0.05,
-) -> None:
-    """Read labelled images (builtin://sklearn-digits, or a local / s3:// folder of <class>/<image>),
-    split them into train / val_select / val_calib / val_test (stratified, seeded, duplicates kept
-    together), and write the Dataset artifact with its splits.json and a class-count summary."""
-    from visionpipe.phases.pod import require_s3_credentials
-
-    require_s3_credentials(source)  # first thing: no S3 settings -> fail naming the Secret, before any work
-
-    from pathlib import Path
-
-    from visionpipe.phases.data_fetch import run
-
-    result = run(
-        source,
-        Path(dataset.path),
-        ratios=(train_ratio, val_select_ratio, val_calib_ratio, val_test_ratio),
-        seed=seed,
-        positive_class=positive_class,
-        image_size=image_size,
-        min_per_class_per_split=min_per_class_per_split,
-        max_bad_fraction=max_bad_fraction,
-    )
-    dataset.metadata.update({"num_images": result.num_images, "classes": result.classes})
-    Path(summary.path).write_text(result.summary_markdown)
-    print(result.summary_markdown)

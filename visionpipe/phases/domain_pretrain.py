@@ -31,148 +31,46 @@ it is warned about, and ``collapse_patience`` consecutive collapsed epochs raise
 (``collapse_patience = 0`` only warns).
 """
 
-# No `from __future__ import annotations` here: KFP reads the component signature at import time.
-
-import copy
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
-from kfp.dsl import Dataset, Input, Markdown, Model, Output
 from torch import Tensor, nn
 
 from visionpipe.data.datasets import load_dataset
-from visionpipe.kfp.platform import component
 from visionpipe.serving.models import (
-    TRANSFORMERS,
-    ArchSpec,
     VisionClassifier,
     build_model,
     load_pretrained_backbone,
     save_backbone,
     transformer_blocks,
 )
-from visionpipe.serving.preprocessing import PreprocessSpec, to_model_input
-from visionpipe.training.peft import PeftSpec, apply_peft, merge_peft, trainable_summary
+from visionpipe.specs import ArchSpec, PeftSpec, PreprocessSpec
+from visionpipe.specs.registry import arch_info
+from visionpipe.training.augment import random_resized_crop
+from visionpipe.training.batching import ModelInputs, batches
+from visionpipe.training.ema import ema_update, frozen_copy
+from visionpipe.training.loop import optimizer_step, pick_device
+from visionpipe.training.passthrough import write_passthrough
+from visionpipe.training.peft import apply_peft, merge_peft, trainable_summary
+from visionpipe.training.pretrain_config import PretrainConfig, PretrainError
+from visionpipe.training.schedule import cosine_ramp, lr_factor
 
 CURVE_FILE = "pretrain_curve.png"
 SUMMARY_FILE = "summary.md"
-CACHE_LIMIT_BYTES = 512 * 2**20  # preprocess the whole train split once when it fits in this much memory
+GRAD_CLIP_NORM = 3.0
 Log = Callable[[str], None]
-M = TypeVar("M", bound=nn.Module)
-
-
-class PretrainError(ValueError):
-    """A pretraining config or input is invalid."""
 
 
 class CollapseError(RuntimeError):
     """The self-supervised features collapsed for `collapse_patience` consecutive epochs."""
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """The SSL recipe. Crop scales are fractions of the image area; every crop is resized to the model size."""
-
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 5e-4
-    weight_decay: float = 0.04
-    warmup_fraction: float = 0.1
-    unfreeze_last_blocks: int = 1
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    num_local_crops: int = 4
-    global_crop_scale: tuple[float, float] = (0.4, 1.0)
-    local_crop_scale: tuple[float, float] = (0.1, 0.4)
-    rotation_degrees: float = 10.0
-    flip_prob: float = 0.0
-    teacher_momentum: float = 0.996
-    out_dim: int = 1024
-    head_hidden_dim: int = 256
-    head_bottleneck_dim: int = 64
-    teacher_temp: float = 0.04
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    koleo_weight: float = 0.0
-    collapse_std_floor: float = 0.05
-    collapse_entropy_floor: float = 0.02
-    collapse_uniform_ceiling: float = 0.99
-    collapse_patience: int = 2
-    seed: int = 0
-    max_steps: int = 0
-
-    def __post_init__(self) -> None:
-        _at_least(self, "epochs", 1)
-        _at_least(self, "batch_size", 2)
-        _at_least(self, "unfreeze_last_blocks", 0)
-        _at_least(self, "lora_rank", 0)
-        _at_least(self, "num_local_crops", 0)
-        _at_least(self, "out_dim", 2)
-        _at_least(self, "head_hidden_dim", 1)
-        _at_least(self, "head_bottleneck_dim", 1)
-        _at_least(self, "collapse_patience", 0)
-        _at_least(self, "max_steps", 0)
-        _in_range(self, "lr", 0.0, 1.0, low_open=True)
-        _in_range(self, "weight_decay", 0.0, 1.0)
-        _in_range(self, "warmup_fraction", 0.0, 1.0, high_open=True)
-        _in_range(self, "lora_alpha", 0.0, math.inf, low_open=True)
-        _in_range(self, "rotation_degrees", 0.0, 180.0)
-        _in_range(self, "flip_prob", 0.0, 1.0)
-        _in_range(self, "teacher_momentum", 0.0, 1.0)
-        _in_range(self, "center_momentum", 0.0, 1.0)
-        _in_range(self, "teacher_temp", 0.0, math.inf, low_open=True)
-        _in_range(self, "student_temp", 0.0, math.inf, low_open=True)
-        _in_range(self, "koleo_weight", 0.0, math.inf)
-        _in_range(self, "collapse_std_floor", 0.0, math.inf)
-        _in_range(self, "collapse_entropy_floor", 0.0, 1.0)
-        _in_range(self, "collapse_uniform_ceiling", 0.0, 1.0)
-        for name in ("global_crop_scale", "local_crop_scale"):
-            low, high = getattr(self, name)
-            if not 0.0 < low <= high <= 1.0:
-                raise PretrainError(f"pretrain.{name}={(low, high)} must satisfy 0 < low <= high <= 1")
-        if self.teacher_temp > self.student_temp:
-            raise PretrainError(
-                f"pretrain.teacher_temp={self.teacher_temp} must be <= student_temp={self.student_temp} "
-                "(the teacher sharpens; a softer teacher invites uniform collapse)"
-            )
-
-    def to_dict(self) -> dict[str, object]:
-        payload = asdict(self)
-        payload["global_crop_scale"] = list(self.global_crop_scale)
-        payload["local_crop_scale"] = list(self.local_crop_scale)
-        return payload
-
-    @classmethod
-    def from_dict(cls, payload: dict[str, object]) -> "PretrainConfig":
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(payload) - set(known))
-        if unknown:
-            raise PretrainError(f"unknown pretrain fields {unknown}; allowed: {sorted(known)}")
-        values: dict[str, object] = {}
-        for key, raw in payload.items():
-            default = getattr(cls, key)
-            try:
-                if isinstance(default, tuple):
-                    assert isinstance(raw, list | tuple) and len(raw) == 2, "expected [low, high]"
-                    values[key] = (float(raw[0]), float(raw[1]))
-                elif isinstance(default, int):
-                    assert not isinstance(raw, bool) and isinstance(raw, int | str), "expected an integer"
-                    values[key] = int(raw)
-                else:
-                    assert not isinstance(raw, bool) and isinstance(raw, int | float | str), "expected a number"
-                    values[key] = float(raw)
-            except (AssertionError, ValueError) as exc:
-                raise PretrainError(f"pretrain.{key}={raw!r} is invalid: {exc}") from exc
-        return cls(**values)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -212,7 +110,7 @@ def run(
     if len(images) < 2:
         raise PretrainError(f"the train split has {len(images)} images; SSL needs at least 2")
     torch.manual_seed(config.seed)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = pick_device(device)
 
     base = build_model(arch_spec)
     if init_backbone:
@@ -220,7 +118,7 @@ def run(
     student, mode = adapt_for_pretraining(base, arch_spec, config)
     student_head = DinoHead(base.feature_dim, config)
     student, student_head = student.to(dev), student_head.to(dev)
-    teacher, teacher_head = _frozen_copy(student), _frozen_copy(student_head)
+    teacher, teacher_head = frozen_copy(student), frozen_copy(student_head)
     log(f"domain_pretrain: {arch_spec.name}, {mode}; {trainable_summary(student)}; {len(images)} train images")
 
     history, collapsed, steps, seconds = _train(
@@ -260,21 +158,20 @@ def run(
 
 def adapt_for_pretraining(model: VisionClassifier, arch: ArchSpec, config: PretrainConfig) -> tuple[nn.Module, str]:
     """ExPLoRA for transformers (last blocks unfrozen + LoRA elsewhere); full fine-tuning for CNNs."""
-    if arch.name not in TRANSFORMERS:
+    info = arch_info(arch.name)  # the per-architecture names come from the one registry (visionpipe.specs)
+    if not info.transformer:
         return apply_peft(model, PeftSpec(method="none"), arch.name), "full fine-tuning (LoRA n/a for CNNs)"
     blocks = transformer_blocks(model)
     n_open = min(config.unfreeze_last_blocks, len(blocks))
     frozen_blocks, open_blocks = blocks[: len(blocks) - n_open], blocks[len(blocks) - n_open :]
     if not frozen_blocks:
         return apply_peft(model, PeftSpec(method="none"), arch.name), "full fine-tuning (every block unfrozen)"
-    final_norm = "backbone.encoder.ln" if arch.name == "vit" else "backbone.model.layernorm"
-    opened = (*open_blocks, final_norm)
+    opened = (*open_blocks, info.final_norm)
     if config.lora_rank == 0:
         for name, p in model.named_parameters():
             p.requires_grad_(any(name.startswith(b + ".") for b in opened))
         return model, f"last {n_open} block(s) unfrozen, no LoRA"
-    suffixes = ("self_attention",) if arch.name == "vit" else ("attention.q_proj", "attention.v_proj")
-    targets = tuple(f"{b}.{s}" for b in frozen_blocks for s in suffixes)
+    targets = tuple(f"{b}.{s}" for b in frozen_blocks for s in info.explora_lora_suffixes)
     spec = PeftSpec(method="lora", rank=config.lora_rank, alpha=config.lora_alpha, target_modules=targets)
     wrapped = apply_peft(model, spec, arch.name, extra_trainable=opened)
     return wrapped, f"ExPLoRA: last {n_open} block(s) unfrozen, LoRA r={config.lora_rank} on {len(targets)} modules"
@@ -321,10 +218,10 @@ def koleo_loss(features: Tensor) -> Tensor:
 
 
 def make_views(x: Tensor, config: PretrainConfig, gen: torch.Generator) -> list[Tensor]:
-    """2 global + num_local_crops local augmented views of a batch of model inputs (same size as x)."""
-    views = [_augment(x, config.global_crop_scale, config, gen) for _ in range(2)]
-    views += [_augment(x, config.local_crop_scale, config, gen) for _ in range(config.num_local_crops)]
-    return views
+    """2 global + num_local_crops local augmented views of a batch of model inputs (same size as x): random
+    resized crops + rotation (+ flip), brightness / contrast."""
+    scales = [config.global_crop_scale] * 2 + [config.local_crop_scale] * config.num_local_crops
+    return [random_resized_crop(x, s, config.rotation_degrees, config.flip_prob, gen) for s in scales]
 
 
 def collapse_stats(features: Tensor, teacher_out: Tensor, center: Tensor, teacher_temp: float) -> dict[str, float]:
@@ -404,7 +301,8 @@ def _train(
     per_epoch = max(1, len(images) // config.batch_size)
     total = per_epoch * config.epochs if config.max_steps == 0 else min(per_epoch * config.epochs, config.max_steps)
     center = torch.zeros(1, config.out_dim, device=dev)
-    cache = _preprocess_all(images, prep) if images.nbytes * 4 * prep.channels <= CACHE_LIMIT_BYTES else None
+    inputs = ModelInputs(images, prep)
+    warmup = int(config.warmup_fraction * total)
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
     collapsed: list[int] = []
@@ -415,12 +313,12 @@ def _train(
         t0, losses, stats, seen = time.perf_counter(), [], [], 0
         student.train()
         student_head.train()
-        for idx in _batches(len(images), config.batch_size, gen):
+        order = torch.randperm(len(images), generator=gen).numpy()
+        for idx in batches(order, config.batch_size, min_last=config.batch_size):
             if step >= total:
                 break
-            x = cache[idx] if cache is not None else to_model_input(images[idx.numpy()], prep)
+            x, _ = inputs[idx]
             views = [v.to(dev) for v in make_views(x, config, gen)]
-            _set_lr(optimizer, config, step, total)
             with torch.no_grad():
                 t_feats = _features(teacher, torch.cat(views[:2]))
                 t_out = teacher_head(t_feats)
@@ -429,13 +327,11 @@ def _train(
             loss = dino_loss(s_out, t_out, center, 2, config.student_temp, config.teacher_temp)
             if config.koleo_weight:
                 loss = loss + config.koleo_weight * koleo_loss(s_feats[: len(idx)])
-            optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
-            torch.nn.utils.clip_grad_norm_(params, 3.0)
-            optimizer.step()
-            momentum = 1.0 - (1.0 - config.teacher_momentum) * (math.cos(math.pi * step / total) + 1) / 2
-            _ema(teacher, student, momentum)
-            _ema(teacher_head, student_head, momentum)
+            optimizer_step(optimizer, config.lr * lr_factor(step, total, warmup, "cosine", 0.0), GRAD_CLIP_NORM)
+            momentum = cosine_ramp(config.teacher_momentum, 1.0, step, total)
+            ema_update(teacher, student, momentum, average_buffers=False)
+            ema_update(teacher_head, student_head, momentum, average_buffers=False)
             stats.append(collapse_stats(t_feats, t_out, center, config.teacher_temp))
             center = center * config.center_momentum + t_out.mean(dim=0, keepdim=True) * (1 - config.center_momentum)
             losses.append(loss.item())
@@ -479,69 +375,6 @@ def _features(model: nn.Module, x: Tensor) -> Tensor:
     return classifier.features(x)
 
 
-def _frozen_copy(module: M) -> M:
-    twin = copy.deepcopy(module)
-    for p in twin.parameters():
-        p.requires_grad_(False)
-    return twin
-
-
-@torch.no_grad()
-def _ema(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
-        if s.requires_grad:
-            t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-    for tb, sb in zip(teacher.buffers(), student.buffers(), strict=True):
-        tb.copy_(sb)
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, config: PretrainConfig, step: int, total: int) -> None:
-    warmup = int(config.warmup_fraction * total)
-    if step < warmup:
-        lr = config.lr * (step + 1) / warmup
-    else:
-        progress = (step - warmup) / max(1, total - warmup)
-        lr = config.lr * (0.5 * (1 + math.cos(math.pi * progress)))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
-    order = torch.randperm(n, generator=gen)
-    for start in range(0, n - batch_size + 1, batch_size):
-        yield order[start : start + batch_size]
-    if n < batch_size:
-        yield order
-
-
-def _preprocess_all(images: npt.NDArray[np.uint8], prep: PreprocessSpec) -> Tensor:
-    return torch.cat([to_model_input(images[i : i + 1024], prep) for i in range(0, len(images), 1024)])
-
-
-def _augment(x: Tensor, scale: tuple[float, float], config: PretrainConfig, gen: torch.Generator) -> Tensor:
-    """Random resized crop + rotation (+ flip) by one batched affine resample, then brightness / contrast."""
-    n = x.shape[0]
-    area = torch.empty(n).uniform_(scale[0], scale[1], generator=gen)
-    log_ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
-    sx = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
-    sy = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
-    tx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx)
-    ty = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy)
-    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(config.rotation_degrees)
-    flip = torch.where(torch.rand(n, generator=gen) < config.flip_prob, -1.0, 1.0)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack(
-        [torch.stack([sx * cos * flip, -sy * sin, tx], dim=1), torch.stack([sx * sin * flip, sy * cos, ty], dim=1)],
-        dim=1,
-    )
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid.to(x.device), mode="bilinear", padding_mode="border", align_corners=False)
-    contrast = torch.empty(n, 1, 1, 1).uniform_(0.7, 1.3, generator=gen).to(x.device)
-    brightness = torch.empty(n, 1, 1, 1).uniform_(-0.3, 0.3, generator=gen).to(x.device)
-    mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    return (out - mean) * contrast + mean + brightness
-
-
 def _as_arch(arch: ArchSpec | dict[str, object] | str) -> ArchSpec:
     if isinstance(arch, ArchSpec):
         return arch
@@ -565,71 +398,8 @@ def _check_compatible(arch: ArchSpec, prep: PreprocessSpec) -> None:
         )
 
 
-def _at_least(config: PretrainConfig, name: str, low: int) -> None:
-    value = getattr(config, name)
-    if value < low:
-        raise PretrainError(f"pretrain.{name}={value} must be >= {low}")
-
-
-def _in_range(
-    config: PretrainConfig, name: str, low: float, high: float, low_open: bool = False, high_open: bool = False
-) -> None:
-    value = getattr(config, name)
-    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise PretrainError(f"pretrain.{name}={value} must be in {interval}")
-
-
-# ------------------------------------------------------------------------------------------ component
-
-
-@component
-def domain_pretrain(
-    dataset: Input[Dataset],
-    backbone: Output[Model],
-    summary: Output[Markdown],
-    arch_json: str,
-    preprocess_json: str,
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 5e-4,
-    unfreeze_last_blocks: int = 1,
-    lora_rank: int = 8,
-    num_local_crops: int = 4,
-    max_steps: int = 0,
-    seed: int = 0,
-    config_overrides_json: str = "{}",
-    init_backbone: Optional[Input[Model]] = None,  # noqa: UP045 (kfp needs Optional[...] for optional artifacts)
-) -> None:
-    """Self-supervised (DINO, EMA teacher, multi-crop) ExPLoRA adaptation of a backbone on the Dataset's
-    train images (labels unused): last blocks unfrozen, LoRA on the other blocks' attention, merged. Writes
-    backbone.safetensors + backbone.json (load with visionpipe.serving.models.load_pretrained_backbone), a curve and a
-    summary; fails if the features collapse."""
-    import json
-    from pathlib import Path
-
-    from visionpipe.phases.domain_pretrain import PretrainConfig, run
-
-    settings: dict[str, object] = {
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "unfreeze_last_blocks": unfreeze_last_blocks,
-        "lora_rank": lora_rank,
-        "num_local_crops": num_local_crops,
-        "max_steps": max_steps,
-        "seed": seed,
-    }
-    settings.update(json.loads(config_overrides_json))
-    result = run(
-        Path(dataset.path),
-        Path(backbone.path),
-        arch_json,
-        preprocess_json,
-        PretrainConfig.from_dict(settings),
-        init_backbone=init_backbone.path if init_backbone is not None else "",
-    )
-    backbone.metadata.update({"mode": result.mode, "epochs": result.epochs_run, "final": result.history[-1]})
-    Path(summary.path).write_text(result.summary_markdown)
-    print(result.summary_markdown)
+def run_disabled(out_dir: Path) -> str:
+    """Domain pretraining switched off: write the pass-through marker into `out_dir` (supervised_train then
+    trains from its own initialisation, exactly as with no backbone) and return the one-line summary."""
+    write_passthrough(out_dir)
+    return "domain_pretrain: disabled (enabled=false); the backbone output is a pass-through marker\n"

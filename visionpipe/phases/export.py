@@ -28,8 +28,6 @@ Secret and the missing keys), and inside a Kubeflow pod a destination that is no
 `LocalDestinationOnCluster` (the pod's disk is deleted with the pod; see `visionpipe.phases.pod.in_kfp_pod`).
 """
 
-# No `from __future__ import annotations` here: KFP reads the component signature at import time.
-
 import hashlib
 import json
 import tempfile
@@ -38,9 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from kfp.dsl import Artifact, Input, Markdown, Model, Output
-
-from visionpipe.kfp.platform import component
 from visionpipe.phases.pod import refuse_local_destination_in_pod, require_s3_credentials
 from visionpipe.serving import storage
 from visionpipe.serving.bundle import BUNDLE_FILE, BundleError, IncompleteBundle, read_bundle, sha256_file
@@ -78,19 +73,15 @@ class ExportResult:
         return self.uri.rstrip("/") + "/" if storage.is_s3(self.uri) else self.uri
 
 
-def run(bundle_dir: Path, destination: str, overwrite: bool = False, threshold_at_half: bool = False) -> ExportResult:
-    """Publish the bundle in `bundle_dir` below `destination`; returns the published URI.
+def run(bundle_dir: Path, destination: str, overwrite: bool = False) -> ExportResult:
+    """Publish the bundle in `bundle_dir` below `destination`, exactly as it is; returns the published URI.
 
     Idempotent for the same candidate (see the module docstring); a different candidate under a published version
-    is refused unless `overwrite`. `threshold_at_half` publishes a derived bundle whose served probability is the
-    calibrated one remapped monotonically so the chosen threshold lands on 0.5 (for consumers that always cut at
-    0.5)."""
+    is refused unless `overwrite`. Export changes nothing in the bundle: a threshold_at_half bundle (a binary
+    bundle with a positive class, remapped so its threshold sits at 0.5) is assembled, checked and signed by
+    bundle_validation and published here byte for byte."""
     refuse_local_destination_in_pod(destination)
     require_s3_credentials(destination)
-    if threshold_at_half:
-        with tempfile.TemporaryDirectory() as tmp:
-            derived = derive_threshold_at_half(bundle_dir, Path(tmp) / "bundle")
-            return run(derived, destination, overwrite)
     manifest = read_bundle(bundle_dir).manifest  # refuse to publish anything that does not verify
     name, version = str(manifest["name"]), str(manifest["version"])
     if not storage.is_s3(destination):
@@ -266,85 +257,3 @@ def _first_difference(ours: dict[str, str], theirs: dict[str, str]) -> str | Non
             return f"holds {rel}, which is not part of this bundle"
         return f"has {rel} with sha256 {published[:16]}… instead of {mine[:16]}…"
     return None
-
-
-def derive_threshold_at_half(bundle_dir: Path, out_dir: Path) -> Path:
-    """A copy of a binary bundle whose calibrator remaps its decision threshold to 0.5 (same decisions)."""
-    from visionpipe.serving.bundle import write_bundle
-    from visionpipe.serving.calibrators import ThresholdAtHalfCalibrator
-    from visionpipe.serving.policies import ThresholdPolicy
-
-    bundle = read_bundle(bundle_dir)
-    if bundle.positive_class is None or len(bundle.classes) != 2:
-        raise ExportError("threshold_at_half needs a binary bundle (two classes and a positive class)")
-    threshold = _calibrated_threshold(bundle.policy.to_dict())
-    calibrator = ThresholdAtHalfCalibrator(2, bundle.classes.index(bundle.positive_class), bundle.calibrator, threshold)
-    manifest = {k: v for k, v in bundle.manifest.items() if k != "files"}
-    manifest["calibrator"] = calibrator.to_dict()
-    manifest["policy"] = ThresholdPolicy(0.5, "calibrated", "binary", calibrator.positive_index).to_dict()
-    manifest["version"] = f"{bundle.version}-half"
-    manifest["derived_from"] = {"version": bundle.version, "threshold_at_half": threshold}
-    card = json.loads((bundle_dir / "model_card.json").read_text())
-    card["version"] = manifest["version"]
-    extras = {
-        p.relative_to(bundle_dir).as_posix(): p for p in sorted((bundle_dir / "reports").rglob("*")) if p.is_file()
-    }
-    write_bundle(out_dir, manifest, [m.weights for m in bundle.members], card, extras)
-    return out_dir
-
-
-def _calibrated_threshold(policy: dict[str, object]) -> float:
-    """The binary decision threshold of a policy (a threshold policy, or a hybrid's threshold sub-policy)."""
-    candidates = [policy]
-    subs = policy.get("policies")
-    if isinstance(subs, dict):
-        active = subs.get(str(policy.get("active")))
-        candidates = [p for p in (active, *subs.values()) if isinstance(p, dict)]
-    for p in candidates:
-        if p.get("kind") == "threshold" and p.get("task") == "binary":
-            if p.get("space") != "calibrated":
-                raise ExportError(
-                    "threshold_at_half needs the threshold in the calibrated probability space; this bundle's is "
-                    f"{p.get('space')!r} (the calibration kept it raw, e.g. isotonic); calibrate with temperature, "
-                    "platt or beta"
-                )
-            return float(str(p["threshold"]))
-    raise ExportError("threshold_at_half needs a binary threshold policy; the bundle has none")
-
-
-@component
-def export(
-    bundle: Input[Model],
-    published: Output[Artifact],
-    summary: Output[Markdown],
-    destination: str = "bundles",
-    threshold_at_half: bool = False,
-) -> str:
-    """Publish the validated bundle to <destination>/<name>/<version>/ (a local folder or s3://bucket/prefix,
-    credentials from the environment), checksums verified after upload, bundle.json last, then re-verified.
-    threshold_at_half: publish a binary bundle whose probability is remapped so the chosen threshold is 0.5.
-    Returns the KServe storageUri of the published bundle (for s3://, the folder URI with a trailing /).
-    On a cluster (in a Kubeflow pod) destination must be s3://; without S3 settings the step fails at once."""
-    from visionpipe.phases.pod import (
-        refuse_local_destination_in_pod,
-        require_s3_credentials,
-        require_signing_key_in_pod,
-    )
-
-    refuse_local_destination_in_pod(destination)  # first thing: fail before any work, naming the fix
-    require_s3_credentials(destination)
-    require_signing_key_in_pod()  # threshold_at_half signs a derived bundle
-
-    import json
-    from pathlib import Path
-
-    from visionpipe.phases.export import run
-
-    result = run(Path(bundle.path), destination, threshold_at_half=threshold_at_half)
-    published.metadata.update({"bundle_uri": result.uri, "storage_uri": result.storage_uri, "version": result.version})
-    Path(published.path).parent.mkdir(parents=True, exist_ok=True)
-    Path(published.path).write_text(json.dumps({"uri": result.uri, "version": result.version}) + "\n")
-    Path(summary.path).write_text(
-        f"## Export\n\nPublished `{result.uri}` ({result.files} files); KServe storageUri `{result.storage_uri}`.\n"
-    )
-    return result.storage_uri

@@ -10,16 +10,10 @@ An empty `data_month` is resolved inside the component (KFP's schedule-time plac
 the previous calendar month in UTC: a run scheduled on the 1st retrains on the month that just ended.
 """
 
-# No `from __future__ import annotations` here: KFP reads the component signature at import time.
-
 import datetime as dt
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-from kfp.dsl import Dataset, Markdown, Model, Output
-
-from visionpipe.kfp.platform import component
 
 ISVC_GROUP, ISVC_VERSION, ISVC_PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 
@@ -100,7 +94,7 @@ def champion_backbone(champion_uri: str, out_dir: Path) -> dict[str, object]:
 # predictor's canaryTrafficPercent; Standard mode (manifests/standard) takes a spec.canary entry, because only the
 # Knative reconciler reads canaryTrafficPercent (kserve pkg/controller/v1beta1/inferenceservice/reconcilers/knative/
 # ksvc_reconciler.go) and in Standard mode the new storageUri would take all the traffic at once. The same
-# patches as `visionpipe canary start` (visionpipe/cli/canary.py; a test keeps them equal).
+# patches as `visionpipe canary start` (visionpipe/rollout/canary.py; a test keeps them equal).
 DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
 LEGACY_MODES = {"Serverless": "Knative", "RawDeployment": "Standard"}  # kserve pkg/constants ParseDeploymentMode
 CANARY_PREDICTOR = "canary"  # spec.canary[].predictor.name: Deployment / Service <isvc>-canary-predictor
@@ -155,63 +149,3 @@ def start_canary_patch(name: str, namespace: str, storage_uri: str, percent: int
         ISVC_GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name, patch
     )
     return result
-
-
-@component
-def fetch_month(
-    dataset: Output[Dataset],
-    summary: Output[Markdown],
-    data_prefix: str,
-    data_month: str = "",
-    hard_examples_prefix: str = "",
-    seed: int = 0,
-    positive_class: str = "",
-    image_size: int = 0,
-) -> str:
-    """Gather the month's images (<data_prefix>/<YYYY-MM>/<class>/<image>) and the month's labelled hard
-    examples, then split them like data_fetch. Returns the resolved month (empty data_month = previous month)."""
-    import tempfile
-    from pathlib import Path
-
-    from visionpipe.phases.data_fetch import run
-    from visionpipe.phases.monthly import gather_month
-    from visionpipe.phases.pod import require_s3_credentials
-
-    require_s3_credentials(data_prefix, hard_examples_prefix)  # fail at the start, naming the Secret
-    with tempfile.TemporaryDirectory() as tmp:
-        month = gather_month(data_prefix, data_month, hard_examples_prefix, Path(tmp) / "images")
-        result = run(
-            str(month.folder), Path(dataset.path), seed=seed, positive_class=positive_class, image_size=image_size
-        )
-    header = (
-        f"## Month {month.month}\n\nNew images per class: {month.new_images}; "
-        f"labelled hard examples per class: {month.hard_examples}.\n\n"
-    )
-    dataset.metadata.update({"month": month.month, "num_images": result.num_images})
-    Path(summary.path).write_text(header + result.summary_markdown)
-    print(header + result.summary_markdown)
-    return month.month
-
-
-@component
-def champion_warm_start(backbone: Output[Model], champion_uri: str) -> None:
-    """Verify the champion bundle and hand its backbone to supervised_train as the warm start."""
-    from pathlib import Path
-
-    from visionpipe.phases.monthly import champion_backbone
-    from visionpipe.phases.pod import require_s3_credentials
-
-    require_s3_credentials(champion_uri)  # fail at the start, naming the Secret
-    backbone.metadata.update(champion_backbone(champion_uri, Path(backbone.path)))
-
-
-@component
-def start_canary(bundle_uri: str, isvc_name: str, namespace: str = "kubeflow-user", canary_percent: int = 10) -> str:
-    """Start a KServe canary with the new bundle: patch the InferenceService (needs the RBAC in
-    manifests/pipeline-rbac)."""
-    import json
-
-    from visionpipe.phases.monthly import start_canary_patch
-
-    result = start_canary_patch(isvc_name, namespace, bundle_uri, canary_percent)
-    return json.dumps(result.get("metadata", {}), sort_keys=True)

@@ -17,15 +17,17 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-from kfp.dsl import HTML, Artifact, ClassificationMetrics, Input, Markdown, Metrics, Output
 
-from visionpipe.kfp.platform import component
 from visionpipe.phases.report import html_page
 from visionpipe.serving.metrics import FloatArray, IntArray, binary_metrics_from_counts, softmax
 from visionpipe.serving.policies import ThresholdPolicy, apply_policy
+
+if TYPE_CHECKING:  # the phase core imports nothing from kfp at run time (visionpipe/kfp/components/ does)
+    from kfp.dsl import ClassificationMetrics
 
 SPLITS = ("val_calib", "val_test")
 SIMPLE_OBJECTIVES = ("mcc", "f1", "youden")
@@ -394,7 +396,7 @@ def sweep_html(result: SweepResult, png_path: Path) -> str:
     return html_page(title, png_path, [key_figures, (("metric", "val_calib", "val_test"), rows)], result.notes)
 
 
-def log_classification_metrics(result: SweepResult, artifact: ClassificationMetrics) -> None:
+def log_classification_metrics(result: SweepResult, artifact: "ClassificationMetrics") -> None:
     """Log the confusion matrix (and the ROC curve, binary) on a KFP ClassificationMetrics artifact."""
     artifact.log_confusion_matrix(list(result.classes), result.confusion)
     if result.roc is not None:
@@ -615,39 +617,3 @@ def _plot(result: SweepResult, table: dict[str, FloatArray], path: Path) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------- component
-@component
-def threshold_sweep(
-    logits: Input[Artifact],
-    decision: Output[Artifact],
-    classification_metrics: Output[ClassificationMetrics],
-    metrics: Output[Metrics],
-    summary: Output[Markdown],
-    sweep_plot: Output[HTML],
-    objective: str = "mcc",
-    target_selective_accuracy: float = 0.99,
-    bootstrap: int = 1000,
-    seed: int = 0,
-) -> None:
-    """Choose the decision threshold on val_calib: exact MCC/F1/... sweep (binary) or the abstain threshold
-    with the largest coverage meeting a selective-accuracy target (multi-class). sweep_plot: the sweep plot and
-    key figures as an HTML page the Kubeflow UI shows."""
-    from pathlib import Path
-
-    from visionpipe.phases.threshold_sweep import HTML_FILE, log_classification_metrics, run, summary_markdown
-
-    result = run(
-        Path(logits.path),
-        Path(decision.path),
-        objective=objective,
-        target_selective_accuracy=target_selective_accuracy,
-        bootstrap=bootstrap,
-        seed=seed,
-    )
-    log_classification_metrics(result, classification_metrics)
-    for key in ("threshold", "objective_value", "ci_low", "ci_high"):
-        metrics.log_metric(key, float(getattr(result, key)))
-    Path(summary.path).write_text(summary_markdown(result))
-    Path(sweep_plot.path).write_text((Path(decision.path) / HTML_FILE).read_text())

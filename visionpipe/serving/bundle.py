@@ -62,8 +62,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from visionpipe.serving import signing, storage
 from visionpipe.serving.calibrators import Calibrator, CalibratorError, calibrator_from_dict
 from visionpipe.serving.models import (
-    ArchSpec,
-    ArchSpecError,
     ModelBudget,
     ModelBudgetError,
     VisionClassifier,
@@ -72,7 +70,8 @@ from visionpipe.serving.models import (
     state_dict_bytes,
 )
 from visionpipe.serving.policies import DecisionPolicy, Decisions, PolicyError, apply_policy, policy_from_dict
-from visionpipe.serving.preprocessing import PreprocessError, PreprocessSpec, to_model_input
+from visionpipe.serving.preprocessing import to_model_input
+from visionpipe.specs import ArchSpec, ArchSpecError, PreprocessError, PreprocessSpec
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMAS = (1,)

@@ -1,9 +1,11 @@
-"""Probability calibrators: fitted on val_calib logits, stored as plain JSON, applied by the server.
+"""Probability calibrators as the server applies them: rebuilt from the bundle's JSON (`calibrator_from_dict`),
+applied to logits (`probabilities`, `positive_map`) and written back (`to_dict`). Fitting them on val_calib logits
+is training-side code: visionpipe/phases/calibrators_fit.py (the calibration phase).
 
 Methods (``method`` in ``to_dict``):
 
 - ``identity``    raw softmax, any K;
-- ``temperature`` softmax(z / T), any K, T fitted by L-BFGS on the NLL;
+- ``temperature`` softmax(z / T), any K;
 - ``platt``       binary only: sigmoid(a * d + b) on the logit margin d = z_pos - z_neg, a >= 0;
 - ``beta``        binary only (Kull et al. 2017): sigmoid(a ln s - b ln(1 - s) + c), s = raw P(positive),
   a, b >= 0;
@@ -25,14 +27,11 @@ from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
-from scipy.optimize import minimize
 
-from visionpipe.serving.metrics import FloatArray, IntArray, log_softmax, softmax
+from visionpipe.serving.metrics import FloatArray, softmax
 
 CALIBRATION_METHODS = ("identity", "temperature", "platt", "beta", "isotonic")
 BINARY_ONLY_METHODS = ("platt", "beta", "isotonic")
-
-_LOG_T_BOUNDS = (-6.0, 6.0)
 
 
 class CalibratorError(ValueError):
@@ -56,10 +55,6 @@ class Calibrator(ABC):
             raise CalibratorError(f"positive_index={positive_index} must lie in [0, {n_classes - 1}]")
         self.n_classes = n_classes
         self.positive_index = positive_index
-
-    @abstractmethod
-    def fit(self, logits: npt.ArrayLike, labels: npt.ArrayLike) -> Calibrator:
-        """Fit on labelled logits (val_calib only) and return self."""
 
     @abstractmethod
     def probabilities(self, logits: npt.ArrayLike) -> FloatArray:
@@ -94,19 +89,11 @@ class Calibrator(ABC):
         out[:, 1 - self.positive_index] = 1.0 - p_pos
         return out
 
-    def _binary_targets(self, labels: npt.ArrayLike) -> FloatArray:
-        y = np.asarray(labels, dtype=np.int64)
-        out: FloatArray = (y == self.positive_index).astype(np.float64)
-        return out
-
 
 class IdentityCalibrator(Calibrator):
     """Raw softmax; nothing to fit."""
 
     method = "identity"
-
-    def fit(self, logits: npt.ArrayLike, labels: npt.ArrayLike) -> IdentityCalibrator:
-        return self
 
     def probabilities(self, logits: npt.ArrayLike) -> FloatArray:
         return softmax(_logits(logits, self.n_classes))
@@ -122,7 +109,7 @@ class IdentityCalibrator(Calibrator):
 
 
 class TemperatureCalibrator(Calibrator):
-    """softmax(z / T) with T > 0 minimising the NLL (L-BFGS-B on log T, analytic gradient)."""
+    """softmax(z / T) with T > 0."""
 
     method = "temperature"
 
@@ -131,23 +118,6 @@ class TemperatureCalibrator(Calibrator):
         if not (np.isfinite(temperature) and temperature > 0):
             raise CalibratorError(f"temperature={temperature} must be a finite number > 0")
         self.temperature = float(temperature)
-
-    def fit(self, logits: npt.ArrayLike, labels: npt.ArrayLike) -> TemperatureCalibrator:
-        z = _logits(logits, self.n_classes)
-        y = _labels(labels, len(z), self.n_classes)
-        z_true = z[np.arange(len(y)), y]
-
-        def loss_and_grad(x: FloatArray) -> tuple[float, FloatArray]:
-            t = float(np.exp(x[0]))
-            logp = log_softmax(z / t)
-            loss = -float(np.mean(logp[np.arange(len(y)), y]))
-            expected_z = np.sum(np.exp(logp) * z, axis=1)
-            grad = float(np.mean(z_true - expected_z)) / t  # d loss / d log T
-            return loss, np.array([grad])
-
-        res = minimize(loss_and_grad, np.array([0.0]), jac=True, method="L-BFGS-B", bounds=[_LOG_T_BOUNDS])
-        self.temperature = float(np.exp(res.x[0]))
-        return self
 
     def probabilities(self, logits: npt.ArrayLike) -> FloatArray:
         return softmax(_logits(logits, self.n_classes) / self.temperature)
@@ -172,12 +142,6 @@ class PlattCalibrator(Calibrator):
             raise CalibratorError(f"platt parameters a={a}, b={b} must be finite with a >= 0")
         self.a, self.b = float(a), float(b)
 
-    def fit(self, logits: npt.ArrayLike, labels: npt.ArrayLike) -> PlattCalibrator:
-        d = self._margin(logits)
-        t = self._binary_targets(labels)
-        self.a, self.b = _fit_logistic(np.stack([d, np.ones_like(d)], axis=1), t, [(0.0, None), (None, None)])
-        return self
-
     def probabilities(self, logits: npt.ArrayLike) -> FloatArray:
         return self._binary_probs(_sigmoid(self.a * self._margin(logits) + self.b))
 
@@ -199,13 +163,6 @@ class BetaCalibrator(Calibrator):
             raise CalibratorError(f"beta parameters a={a}, b={b}, c={c} must be finite with a, b >= 0")
         self.a, self.b, self.c = float(a), float(b), float(c)
 
-    def fit(self, logits: npt.ArrayLike, labels: npt.ArrayLike) -> BetaCalibrator:
-        d = self._margin(logits)
-        features = np.stack([_log_sigmoid(d), -_log_sigmoid(-d), np.ones_like(d)], axis=1)
-        t = self._binary_targets(labels)
-        self.a, self.b, self.c = _fit_logistic(features, t, [(0.0, None), (0.0, None), (None, None)])
-        return self
-
     def probabilities(self, logits: npt.ArrayLike) -> FloatArray:
         d = self._margin(logits)
         return self._binary_probs(self._apply(d))
@@ -224,7 +181,8 @@ class BetaCalibrator(Calibrator):
 class IsotonicCalibrator(Calibrator):
     """Binary isotonic regression of the label on s = raw P(positive), stored as breakpoints (x, y).
 
-    Outputs are clipped to [1 / (n + 2), 1 - 1 / (n + 2)] at fit time so the NLL stays finite.
+    The fit (visionpipe/phases/calibrators_fit.py) clips outputs to [1 / (n + 2), 1 - 1 / (n + 2)] so the NLL
+    stays finite.
     """
 
     method = "isotonic"
@@ -241,18 +199,6 @@ class IsotonicCalibrator(Calibrator):
         ys = np.asarray([0.0, 1.0] if y is None else y, dtype=np.float64)
         _check_breakpoints(xs, ys)
         self.x, self.y = xs, ys
-
-    def fit(self, logits: npt.ArrayLike, labels: npt.ArrayLike) -> IsotonicCalibrator:
-        from sklearn.isotonic import IsotonicRegression
-
-        s = softmax(_logits(logits, self.n_classes))[:, self.positive_index]
-        t = self._binary_targets(labels)
-        eps = 1.0 / (len(t) + 2)
-        iso = IsotonicRegression(y_min=eps, y_max=1 - eps, out_of_bounds="clip").fit(s, t)
-        self.x = np.asarray(iso.X_thresholds_, dtype=np.float64)
-        self.y = np.asarray(iso.y_thresholds_, dtype=np.float64)
-        _check_breakpoints(self.x, self.y)
-        return self
 
     def probabilities(self, logits: npt.ArrayLike) -> FloatArray:
         s = softmax(_logits(logits, self.n_classes))[:, self.positive_index]
@@ -290,7 +236,8 @@ class ThresholdAtHalfCalibrator(Calibrator):
 
     For consumers that always cut at 0.5 (e.g. validators that round the returned probability): the map is
     piecewise linear and strictly increasing, p -> 0.5 p / t below t and 0.5 + 0.5 (p - t) / (1 - t) above, so
-    every decision "p >= t" equals "p' >= 0.5". Built only by export (`threshold_at_half`), never fitted.
+    every decision "p >= t" equals "p' >= 0.5". Built by bundle_validation (`threshold_at_half`) from the fitted
+    calibrator, never fitted itself.
     """
 
     method = "threshold_at_half"
@@ -303,9 +250,6 @@ class ThresholdAtHalfCalibrator(Calibrator):
             raise CalibratorError(f"threshold={threshold} must lie in (0, 1) to be remapped to 0.5")
         self.base = base
         self.threshold = float(threshold)
-
-    def fit(self, logits: npt.ArrayLike, labels: npt.ArrayLike) -> ThresholdAtHalfCalibrator:
-        raise CalibratorError("threshold_at_half is derived from a fitted calibrator; it is not fitted")
 
     def remap(self, p_pos: npt.ArrayLike) -> FloatArray:
         p = np.asarray(p_pos, dtype=np.float64)
@@ -322,13 +266,6 @@ class ThresholdAtHalfCalibrator(Calibrator):
 
     def params(self) -> dict[str, object]:
         return {"base": self.base.to_dict(), "threshold": self.threshold}
-
-
-def make_calibrator(method: str, n_classes: int, positive_index: int = 1) -> Calibrator:
-    """An unfitted calibrator of the given method."""
-    if method not in _REGISTRY:
-        raise CalibratorError(f"method={method!r} is not one of {CALIBRATION_METHODS}")
-    return _REGISTRY[method](n_classes, positive_index)
 
 
 def calibrator_from_dict(d: dict[str, object]) -> Calibrator:
@@ -376,13 +313,6 @@ def _logits(logits: npt.ArrayLike, n_classes: int) -> FloatArray:
     return z
 
 
-def _labels(labels: npt.ArrayLike, n: int, n_classes: int) -> IntArray:
-    y = np.asarray(labels, dtype=np.int64)
-    if y.shape != (n,) or (n and (y.min() < 0 or y.max() >= n_classes)):
-        raise CalibratorError(f"labels must be (N,)={n} ints in [0, {n_classes - 1}]; got shape {y.shape}")
-    return y
-
-
 def _sigmoid(x: FloatArray) -> FloatArray:
     out: FloatArray = np.exp(-np.logaddexp(0.0, -x))
     return out
@@ -397,23 +327,6 @@ def _logit(p: FloatArray) -> FloatArray:
     with np.errstate(divide="ignore"):
         out: FloatArray = np.log(p) - np.log1p(-p)
     return out
-
-
-def _fit_logistic(
-    features: FloatArray, targets: FloatArray, bounds: list[tuple[float | None, float | None]]
-) -> tuple[float, ...]:
-    """Weights w minimising the logistic NLL of sigmoid(features @ w), within bounds (L-BFGS-B)."""
-
-    def loss_and_grad(w: FloatArray) -> tuple[float, FloatArray]:
-        logits = features @ w
-        loss = float(np.mean(np.logaddexp(0.0, logits) - targets * logits))
-        grad = features.T @ (_sigmoid(logits) - targets) / len(targets)
-        return loss, grad
-
-    w0 = np.zeros(features.shape[1])
-    w0[0] = 1.0
-    res = minimize(loss_and_grad, w0, jac=True, method="L-BFGS-B", bounds=bounds)
-    return tuple(float(v) for v in res.x)
 
 
 def _check_breakpoints(x: FloatArray, y: FloatArray) -> None:

@@ -1,5 +1,9 @@
 """The model zoo: every architecture a bundle can name, rebuilt from its `ArchSpec` alone.
 
+The architectures are registered once, torch-free, in visionpipe/specs/registry.py; this module registers one
+torch builder per registry name (`register_builder`, `BUILDERS`). Adding an architecture: one registry entry
+there, one builder here (plus its `parameter_count` / `activation_elements` arithmetic).
+
 Every model is a `VisionClassifier`: a ``backbone`` mapping model input (N, C, H, W) to pooled features
 (N, feature_dim), and a linear ``head`` mapping features to logits. Architectures:
 
@@ -20,18 +24,26 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-ARCHITECTURES: tuple[str, ...] = ("cnn-small", "resnet18", "vit", "dinov2")
-TRANSFORMERS: tuple[str, ...] = ("vit", "dinov2")
-# convolutional architectures (supervised_train trains them with channels-last tensors)
-CONVNETS: tuple[str, ...] = ("cnn-small", "resnet18")
+# ArchSpec and the architecture lists are defined once, torch-free, in visionpipe.specs; re-exported here so the
+# old import paths keep working.
+from visionpipe.specs.arch import ArchSpec as ArchSpec
+from visionpipe.specs.arch import ArchSpecError as ArchSpecError
+from visionpipe.specs.registry import ARCHITECTURES as ARCHITECTURES
+from visionpipe.specs.registry import CONVNETS as CONVNETS
+from visionpipe.specs.registry import REGISTRY
+from visionpipe.specs.registry import TRANSFORMERS as TRANSFORMERS
+
+Builder = Callable[[ArchSpec], tuple[nn.Module, int]]
 BACKBONE_FILE = "backbone.safetensors"
 BACKBONE_META_FILE = "backbone.json"
 HF_DINOV2_FILE = "model.safetensors"
@@ -50,108 +62,8 @@ _BACKBONE_FIELDS = (
 )
 
 
-class ArchSpecError(ValueError):
-    """An architecture spec is invalid or names unknown fields."""
-
-
 class WeightsError(ValueError):
     """A weights file is missing, not safetensors, or does not fit the model."""
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Everything needed to rebuild a model (stored in every bundle and backbone.json).
-
-    name: one of ARCHITECTURES. num_classes: head outputs. in_channels: 1 (grey) or 3 (RGB).
-    image_size: square input side. width: cnn-small base channels. patch_size, hidden_dim, num_layers,
-    num_heads, mlp_dim: vit / dinov2 transformer shape. dropout: dropout in the backbone (cnn-small feature
-    layer, vit/dinov2 hidden layers); resnet18 ignores it.
-    """
-
-    name: str
-    num_classes: int
-    in_channels: int
-    image_size: int
-    width: int = 32
-    patch_size: int = 4
-    hidden_dim: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    mlp_dim: int = 128
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.name not in ARCHITECTURES:
-            raise ArchSpecError(f"arch.name={self.name!r} is not one of {', '.join(ARCHITECTURES)}")
-        if self.num_classes < 2:
-            raise ArchSpecError(f"arch.num_classes={self.num_classes} must be >= 2")
-        if self.in_channels not in (1, 3):
-            raise ArchSpecError(f"arch.in_channels={self.in_channels} must be 1 (grey) or 3 (RGB)")
-        if not 4 <= self.image_size <= 1024:
-            raise ArchSpecError(f"arch.image_size={self.image_size} must be between 4 and 1024")
-        for name in ("width", "patch_size", "hidden_dim", "num_layers", "num_heads", "mlp_dim"):
-            if getattr(self, name) < 1:
-                raise ArchSpecError(f"arch.{name}={getattr(self, name)} must be >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ArchSpecError(f"arch.dropout={self.dropout} must be in [0, 1)")
-        if self.name in TRANSFORMERS:
-            if self.image_size % self.patch_size:
-                raise ArchSpecError(
-                    f"arch.image_size={self.image_size} must be a multiple of "
-                    f"arch.patch_size={self.patch_size} for {self.name}"
-                )
-            if self.hidden_dim % self.num_heads:
-                raise ArchSpecError(
-                    f"arch.hidden_dim={self.hidden_dim} must be a multiple of arch.num_heads={self.num_heads}"
-                )
-        if self.name == "dinov2" and self.mlp_dim % self.hidden_dim:
-            raise ArchSpecError(
-                f"arch.mlp_dim={self.mlp_dim} must be a multiple of arch.hidden_dim={self.hidden_dim} "
-                "for dinov2 (Dinov2Config takes an integer mlp_ratio)"
-            )
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, payload: dict[str, object]) -> ArchSpec:
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(payload) - set(known))
-        if unknown:
-            raise ArchSpecError(f"unknown arch fields {unknown}; allowed: {sorted(known)}")
-        missing = sorted(n for n in ("name", "num_classes", "in_channels", "image_size") if n not in payload)
-        if missing:
-            raise ArchSpecError(f"arch spec lacks required fields {missing}")
-        values: dict[str, str | int | float] = {}
-        for key, raw in payload.items():
-            kind = known[key].type
-            try:
-                if kind == "str":
-                    values[key] = str(raw)
-                elif kind == "int":
-                    if isinstance(raw, bool) or not isinstance(raw, int | str):
-                        raise TypeError(f"expected an integer, got {raw!r}")
-                    values[key] = int(raw)
-                else:
-                    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-                        raise TypeError(f"expected a number, got {raw!r}")
-                    values[key] = float(raw)
-            except (TypeError, ValueError) as exc:
-                raise ArchSpecError(f"arch.{key}={raw!r} is invalid: {exc}") from exc
-        return cls(**values)  # type: ignore[arg-type]
-
-    @classmethod
-    def from_json(cls, text: str) -> ArchSpec:
-        try:
-            payload = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ArchSpecError(f"arch spec is not valid JSON: {exc}") from exc
-        if not isinstance(payload, dict):
-            raise ArchSpecError(f"arch spec JSON must be an object, got {type(payload).__name__}")
-        return cls.from_dict(payload)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 class VisionClassifier(nn.Module):
@@ -175,15 +87,33 @@ class VisionClassifier(nn.Module):
         return out
 
 
+_BUILDERS: dict[str, Builder] = {}
+# name -> builder (backbone, feature_dim); one per entry of visionpipe.specs.registry.REGISTRY (checked in a test)
+BUILDERS: Mapping[str, Builder] = MappingProxyType(_BUILDERS)
+
+
+def register_builder(name: str) -> Callable[[Builder], Builder]:
+    """Register the torch builder of registry architecture `name` (a decorator; one builder per name)."""
+    if name not in REGISTRY:
+        raise ArchSpecError(
+            f"cannot register a builder for {name!r}: not in visionpipe/specs/registry.py ({', '.join(ARCHITECTURES)})"
+        )
+
+    def register(builder: Builder) -> Builder:
+        if name in _BUILDERS:
+            raise ArchSpecError(f"a builder for {name!r} is already registered ({_BUILDERS[name].__name__})")
+        _BUILDERS[name] = builder
+        return builder
+
+    return register
+
+
 def build_model(spec: ArchSpec) -> VisionClassifier:
     """A freshly initialised model for `spec` (no weights are downloaded, ever)."""
-    builders = {
-        "cnn-small": _build_cnn_small,
-        "resnet18": _build_resnet18,
-        "vit": _build_vit,
-        "dinov2": _build_dinov2,
-    }
-    backbone, feature_dim = builders[spec.name](spec)
+    builder = _BUILDERS.get(spec.name)
+    if builder is None:
+        raise ArchSpecError(f"no builder registered for arch.name={spec.name!r}; have {', '.join(sorted(_BUILDERS))}")
+    backbone, feature_dim = builder(spec)
     return VisionClassifier(spec, backbone, feature_dim)
 
 
@@ -230,12 +160,8 @@ def save_backbone(model: VisionClassifier, out_dir: Path, extra: dict[str, objec
 
 
 def transformer_blocks(model: VisionClassifier) -> list[str]:
-    """Qualified names (in `model`) of the transformer blocks in order; empty for CNNs."""
-    if model.spec.name == "vit":
-        return [f"backbone.encoder.layers.encoder_layer_{i}" for i in range(model.spec.num_layers)]
-    if model.spec.name == "dinov2":
-        return [f"backbone.model.encoder.layer.{i}" for i in range(model.spec.num_layers)]
-    return []
+    """Qualified names (in `model`) of the transformer blocks in order; empty for CNNs (from the registry)."""
+    return REGISTRY[model.spec.name].block_names(model.spec.num_layers)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -391,11 +317,13 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
+@register_builder("cnn-small")
 def _build_cnn_small(spec: ArchSpec) -> tuple[nn.Module, int]:
     net = CnnSmall(spec.in_channels, spec.width, spec.dropout)
     return net, net.out_dim
 
 
+@register_builder("resnet18")
 def _build_resnet18(spec: ArchSpec) -> tuple[nn.Module, int]:
     from torchvision.models import resnet18
 
@@ -406,6 +334,7 @@ def _build_resnet18(spec: ArchSpec) -> tuple[nn.Module, int]:
     return net, 512
 
 
+@register_builder("vit")
 def _build_vit(spec: ArchSpec) -> tuple[nn.Module, int]:
     from torchvision.models import VisionTransformer
 
@@ -451,6 +380,7 @@ class Dinov2Backbone(nn.Module):
         return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1)
 
 
+@register_builder("dinov2")
 def _build_dinov2(spec: ArchSpec) -> tuple[nn.Module, int]:
     return Dinov2Backbone(spec), 2 * spec.hidden_dim
 

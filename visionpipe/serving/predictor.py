@@ -54,10 +54,11 @@ from visionpipe.serving.bundle import BundleError, BundleModel, read_bundle
 from visionpipe.serving.hard_examples import HardExampleLogger
 from visionpipe.serving.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_REQUEST_PIXELS
 from visionpipe.serving.policies import ABSTAIN, apply_policy
-from visionpipe.serving.preprocessing import PreprocessSpec, to_model_input
+from visionpipe.serving.preprocessing import to_model_input
 from visionpipe.serving.runtime import WorkerPool, default_pool
 from visionpipe.serving.tta import TTA_MODES, average_tta, tta_batch
 from visionpipe.serving.upload import InputError, InputLimits, NotAnImageError, composite_alpha, load_image, open_image
+from visionpipe.specs import PreprocessSpec
 
 Protocol = Literal["v1", "v2"]
 UInt8Image = npt.NDArray[np.uint8]

@@ -1,97 +1,24 @@
 """The one preprocessing definition shared by training, validation and serving.
 
-A `PreprocessSpec` is stored in every bundle; its `signature` (e.g. ``v1/grayscale+resize28+norm``) must equal
-the one the runtime computes, or the bundle is refused. Training feeds uint8 NHWC arrays from the Dataset
-artifact through `to_model_input`; the server decodes uploaded images to the same uint8 arrays first, so both
-sides run the very same tensor code.
+A `PreprocessSpec` (defined in visionpipe/specs/preprocess.py) is stored in every bundle; its `signature` (e.g.
+``v1/grayscale+resize28+norm``) must equal the one the runtime computes, or the bundle is refused. Training
+feeds uint8 NHWC arrays from the Dataset artifact through `to_model_input`; the server decodes uploaded images
+to the same uint8 arrays first, so both sides run the very same tensor code.
 """
 
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-PREPROCESS_VERSION = "v1"
-KINDS = ("standard", "digit-upload")
-
-
-class PreprocessError(ValueError):
-    """A preprocessing spec is invalid, or an input does not fit it."""
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """How raw uint8 images become model input.
-
-    kind: ``standard`` (channel conversion, resize, normalise) or ``digit-upload`` (photos of handwritten
-    digits are normalised to MNIST style first when served; see visionpipe/serving/upload.py).
-    channels: model input channels (1 grey, 3 RGB). size: model input side in pixels (square).
-    mean / std: per-channel normalisation after scaling pixels to [0, 1].
-    """
-
-    kind: str = "standard"
-    channels: int = 1
-    size: int = 28
-    mean: tuple[float, ...] = (0.5,)
-    std: tuple[float, ...] = (0.5,)
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise PreprocessError(f"preprocess.kind={self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.channels not in (1, 3):
-            raise PreprocessError(f"preprocess.channels={self.channels} must be 1 (grey) or 3 (RGB)")
-        if not 4 <= self.size <= 1024:
-            raise PreprocessError(f"preprocess.size={self.size} must be between 4 and 1024 pixels")
-        for name, values in (("mean", self.mean), ("std", self.std)):
-            if len(values) != self.channels:
-                raise PreprocessError(
-                    f"preprocess.{name} has {len(values)} values; it needs one per channel ({self.channels})"
-                )
-        if any(s <= 0 for s in self.std):
-            raise PreprocessError(f"preprocess.std={self.std} must be positive")
-
-    @property
-    def signature(self) -> str:
-        """A stable string naming every step; training and serving must agree on it."""
-        colour = "grayscale" if self.channels == 1 else "rgb"
-        steps = [
-            colour,
-            f"resize{self.size}",
-            "norm(" + ";".join(f"{m:g},{s:g}" for m, s in zip(self.mean, self.std, strict=True)) + ")",
-        ]
-        if self.kind == "digit-upload":
-            steps.insert(0, "digitupload")
-        return f"{PREPROCESS_VERSION}/" + "+".join(steps)
-
-    def to_dict(self) -> dict[str, object]:
-        payload = asdict(self)
-        payload["mean"] = list(self.mean)
-        payload["std"] = list(self.std)
-        return payload
-
-    @classmethod
-    def from_dict(cls, payload: dict[str, object]) -> PreprocessSpec:
-        known = {"kind", "channels", "size", "mean", "std"}
-        unknown = set(payload) - known
-        if unknown:
-            raise PreprocessError(f"unknown preprocess fields {sorted(unknown)}; allowed: {sorted(known)}")
-        try:
-            mean = payload.get("mean", [0.5])
-            std = payload.get("std", [0.5])
-            assert isinstance(mean, list | tuple) and isinstance(std, list | tuple)
-            return cls(
-                kind=str(payload.get("kind", "standard")),
-                channels=int(str(payload.get("channels", 1))),
-                size=int(str(payload.get("size", 28))),
-                mean=tuple(float(m) for m in mean),
-                std=tuple(float(s) for s in std),
-            )
-        except (AssertionError, ValueError) as exc:
-            raise PreprocessError(f"invalid preprocess spec {payload}: {exc}") from exc
+# The spec (dataclass, signature, validation) is defined once, torch-free, in visionpipe.specs.preprocess;
+# re-exported here so the old import paths keep working.
+from visionpipe.specs.preprocess import KINDS as KINDS
+from visionpipe.specs.preprocess import PREPROCESS_VERSION as PREPROCESS_VERSION
+from visionpipe.specs.preprocess import PreprocessError as PreprocessError
+from visionpipe.specs.preprocess import PreprocessSpec as PreprocessSpec
 
 
 def to_model_input(images: npt.NDArray[np.uint8], spec: PreprocessSpec) -> torch.Tensor:

@@ -4,7 +4,7 @@
 `extra_trainable` train; `merge_peft` folds the adapters back into a plain `VisionClassifier` with the same
 outputs, which is what bundles store (serving never needs peft).
 
-Targets per architecture (`default_target_modules`):
+Targets per architecture (`default_target_modules`, from the registry in visionpipe/specs/registry.py):
 
 - ``vit`` (torchvision): every ``self_attention`` (nn.MultiheadAttention: peft adapts its packed q/k/v input
   projection and its output projection) and the MLP linears ``mlp.0`` / ``mlp.3``. peft does not support DoRA
@@ -18,75 +18,33 @@ Targets per architecture (`default_target_modules`):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from torch import nn
 
-from visionpipe.serving.models import ARCHITECTURES, VisionClassifier
+from visionpipe.serving.models import VisionClassifier
+
+# PeftSpec is defined once, torch-free, in visionpipe.specs.peft; re-exported here so old import paths keep working.
+from visionpipe.specs.peft import METHODS as METHODS
+from visionpipe.specs.peft import PeftError as PeftError
+from visionpipe.specs.peft import PeftSpec as PeftSpec
+from visionpipe.specs.registry import ARCHITECTURES, REGISTRY
 
 log = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ("none", "lora", "dora")
 HEAD = "head"
 _PEFT_PREFIX = "base_model.model."
 
-_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "vit": ("self_attention", "mlp.0", "mlp.3"),
-    "dinov2": ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
-    "resnet18": ("conv1", "conv2"),
-    "cnn-small": ("features.0", "features.3", "features.7", "features.10", "fc.1"),
+# per-architecture defaults come from the architecture registry (visionpipe/specs/registry.py)
+_NO_DORA_TARGETS: dict[str, frozenset[str]] = {
+    name: info.no_dora_targets for name, info in REGISTRY.items() if info.no_dora_targets
 }
-_NO_DORA_TARGETS: dict[str, frozenset[str]] = {"vit": frozenset({"self_attention"})}
-
-
-class PeftError(ValueError):
-    """A PEFT spec is invalid or cannot be applied to the model."""
-
-
-@dataclass(frozen=True)
-class PeftSpec:
-    """How to adapt a model: method (none | lora | dora), adapter rank, alpha, dropout, target modules.
-
-    target_modules are module-name suffixes (peft semantics: a module matches when its qualified name equals
-    the target or ends with ``.<target>``); empty means `default_target_modules(arch, method)`.
-    """
-
-    method: str = "none"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise PeftError(f"peft.method={self.method!r} is not one of {', '.join(METHODS)}")
-        if self.rank < 1:
-            raise PeftError(f"peft.rank={self.rank} must be >= 1")
-        if not self.alpha > 0:
-            raise PeftError(f"peft.alpha={self.alpha} must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise PeftError(f"peft.dropout={self.dropout} must be in [0, 1)")
-        if any(not t for t in self.target_modules):
-            raise PeftError(f"peft.target_modules={self.target_modules} contains an empty name")
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "method": self.method,
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "dropout": self.dropout,
-            "target_modules": list(self.target_modules),
-        }
 
 
 def default_target_modules(arch: str, method: str = "lora") -> tuple[str, ...]:
     """Module-name suffixes to adapt for `arch` (attention + MLP projections for transformers)."""
     if arch not in ARCHITECTURES:
         raise PeftError(f"arch={arch!r} is not one of {', '.join(ARCHITECTURES)}")
-    targets = _DEFAULT_TARGETS[arch]
-    if method == "dora":
-        targets = tuple(t for t in targets if t not in _NO_DORA_TARGETS.get(arch, frozenset()))
-    return targets
+    return REGISTRY[arch].default_targets(method)
 
 
 def apply_peft(model: VisionClassifier, spec: PeftSpec, arch: str, extra_trainable: tuple[str, ...] = ()) -> nn.Module:

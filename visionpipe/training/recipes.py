@@ -1,8 +1,10 @@
 """Training recipes as data: frozen dataclasses loaded from YAML, validated with errors that name the field.
 
-A recipe is everything `supervised_train` needs besides the data: architecture (the `ArchSpec` fields except
-``num_classes`` / ``in_channels`` / ``image_size``, which come from the data and the preprocessing),
-preprocessing, optimizer, LR schedule, augmentation, loss, EMA, early stopping, PEFT, seed.
+A recipe is everything `supervised_train` needs besides the data: architecture (`visionpipe.specs.ArchChoice`:
+the `ArchSpec` fields except ``num_classes`` / ``in_channels`` / ``image_size``, which come from the data and the
+preprocessing), preprocessing, optimizer, LR schedule, augmentation, loss, EMA, early stopping, PEFT
+(`visionpipe.specs.PeftChoice`), seed. The arch and peft sections are the spec types themselves, validated by
+the specs' own code; their errors surface as `RecipeError` with the same message.
 
 Recipes ship as ``recipes/<name>.yaml`` at the repository root (the image sets $VISIONPIPE_RECIPE_DIR to its copy);
 `load_recipe` accepts a shipped name or a path to a YAML file, plus overrides (nested mappings or dotted keys,
@@ -24,15 +26,23 @@ from typing import TypeVar
 
 import yaml
 
+from visionpipe.specs.arch import ArchChoice
+from visionpipe.specs.checks import SpecError
+from visionpipe.specs.checks import in_range as _spec_in_range
+from visionpipe.specs.checks import one_of as _spec_one_of
+from visionpipe.specs.peft import METHODS, PeftChoice
+from visionpipe.specs.preprocess import KINDS
+from visionpipe.specs.registry import ARCHITECTURES, TRANSFORMERS
+
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 LOSSES = ("cross_entropy", "focal")
 CLASS_WEIGHTINGS = ("none", "balanced")
 STOP_METRICS = ("auto", "mcc", "accuracy")
-PEFT_METHODS = ("none", "lora", "dora")
-TRANSFORMER_ARCHITECTURES = ("vit", "dinov2")
-ARCH_NAMES = ("cnn-small", "resnet18", "vit", "dinov2")  # visionpipe.serving.models.ARCHITECTURES (checked in a test)
-PREPROCESS_KINDS = ("standard", "digit-upload")  # visionpipe.serving.preprocessing.KINDS (checked in a test)
+PEFT_METHODS = METHODS
+TRANSFORMER_ARCHITECTURES = TRANSFORMERS
+ARCH_NAMES = ARCHITECTURES  # the architecture registry (visionpipe/specs/registry.py)
+PREPROCESS_KINDS = KINDS
 RECIPE_DIR_ENV = "VISIONPIPE_RECIPE_DIR"
 
 
@@ -180,45 +190,10 @@ class EarlyStoppingSpec:
         _in_range("early_stopping.min_delta", self.min_delta, 0.0, 1.0)
 
 
-@dataclass(frozen=True)
-class PeftRecipe:
-    """method: none (full fine-tuning) | lora | dora, on the attention and MLP projections of vit / dinov2.
-    target_modules: module name suffixes (empty = the architecture's default projections). extra_trainable:
-    further parameter-name prefixes left trainable. The head is always trained."""
-
-    method: str = "none"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()
-    extra_trainable: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        _one_of("peft.method", self.method, PEFT_METHODS)
-        _in_range("peft.rank", self.rank, 1, 1024)
-        _in_range("peft.alpha", self.alpha, 0.0, 1e4, low_open=True)
-        _in_range("peft.dropout", self.dropout, 0.0, 1.0, high_open=True)
-
-
-@dataclass(frozen=True)
-class ArchRecipe:
-    """The `visionpipe.serving.models.ArchSpec` fields a recipe chooses (num_classes and in_channels come from the data,
-    image_size from preprocess.size)."""
-
-    name: str = "cnn-small"
-    width: int = 32
-    patch_size: int = 4
-    hidden_dim: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    mlp_dim: int = 128
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        _one_of("arch.name", self.name, ARCH_NAMES)
-        for name in ("width", "patch_size", "hidden_dim", "num_layers", "num_heads", "mlp_dim"):
-            _in_range(f"arch.{name}", getattr(self, name), 1, 100_000)
-        _in_range("arch.dropout", self.dropout, 0.0, 1.0, high_open=True)
+# The arch and peft sections are the spec types themselves (visionpipe/specs): one definition, validated once.
+# Their SpecErrors become RecipeErrors in `_build`.
+ArchRecipe = ArchChoice
+PeftRecipe = PeftChoice
 
 
 @dataclass(frozen=True)
@@ -265,7 +240,7 @@ class Recipe:
     grad_clip_norm: float = 0.0
     num_workers: int = -1
     max_train_seconds: float = 0.0
-    arch: ArchRecipe = field(default_factory=ArchRecipe)
+    arch: ArchChoice = field(default_factory=ArchChoice)
     preprocess: PreprocessRecipe = field(default_factory=PreprocessRecipe)
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
@@ -273,7 +248,7 @@ class Recipe:
     loss: LossSpec = field(default_factory=LossSpec)
     ema: EmaSpec = field(default_factory=EmaSpec)
     early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
-    peft: PeftRecipe = field(default_factory=PeftRecipe)
+    peft: PeftChoice = field(default_factory=PeftChoice)
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
@@ -409,6 +384,8 @@ def _build(cls: type[T], payload: Mapping[str, object], prefix: str) -> T:
     values = {key: _convert(prefix + key, value, hints[key]) for key, value in payload.items()}
     try:
         return cls(**values)
+    except SpecError as exc:  # the arch / peft sections are specs: same message, the recipe's error type
+        raise RecipeError(str(exc)) from exc
     except TypeError as exc:
         raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: {exc}") from exc
 
@@ -468,8 +445,7 @@ def _plain(value: object) -> object:
 
 
 def _one_of(name: str, value: object, allowed: Sequence[object]) -> None:
-    if value not in allowed:
-        raise RecipeError(f"{name}={value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
+    _spec_one_of(name, value, allowed, RecipeError)
 
 
 def _in_range(
@@ -480,11 +456,7 @@ def _in_range(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise RecipeError(f"{name}={value!r} is out of range; allowed values: {interval}")
+    _spec_in_range(name, value, low, high, low_open, high_open, RecipeError)
 
 
 def _ordered_range(name: str, value: tuple[float, float], low: float, high: float) -> None:

@@ -1,0 +1,197 @@
+"""The step and epoch machinery of recipe training: model + optimizer + EMA state, one epoch over a split
+(augmentation, mixing, loss, gradient accumulation, LR schedule, clipping, EMA), device choice, progress bar.
+
+The randomness of epoch e (data order, augmentation, dropout) comes from (recipe.seed, e) alone, so a run
+resumed after epoch e - 1 continues exactly as an uninterrupted one."""
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor, nn
+
+from visionpipe.serving.models import build_model, load_pretrained_backbone
+from visionpipe.specs import CONVNETS, ArchSpec, PeftSpec
+from visionpipe.training.augment import augment, mix
+from visionpipe.training.batching import ModelInputs, batches
+from visionpipe.training.ema import ema_update, frozen_copy, warmup_decay
+from visionpipe.training.losses import class_weights, soft_targets, weighted_loss
+from visionpipe.training.peft import apply_peft
+from visionpipe.training.recipes import Recipe, recipe_hash
+from visionpipe.training.schedule import lr_factor, set_lr
+
+RNG_SCHEME = "numpy default_rng([seed, epoch]) + torch.manual_seed(seed*1000003+epoch)"
+
+
+@dataclass
+class TrainState:
+    """Mutable training state (everything a checkpoint stores)."""
+
+    model: nn.Module
+    ema: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    class_weights: Tensor
+    device: torch.device
+    recipe_hash: str
+    epoch: int = 0
+    step: int = 0
+    ema_updates: int = 0
+    best_epoch: int = 0
+    best_metric: float = -math.inf
+    best_loss: float = math.inf
+    best_state: dict[str, Tensor] = field(default_factory=dict)
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema if self.ema is not None else self.model
+
+
+def pick_device(device: str | None) -> torch.device:
+    """The named device, else cuda when there is one, else cpu."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def new_state(
+    recipe: Recipe,
+    arch: ArchSpec,
+    backbone_dir: Path | None,
+    device: torch.device,
+    train_labels: npt.NDArray[np.int64],
+    num_classes: int,
+) -> TrainState:
+    memory_format = training_memory_format(arch)
+    model = build_trainable_model(recipe, arch, backbone_dir).to(device).to(memory_format=memory_format)
+    return TrainState(
+        model=model,
+        ema=frozen_copy(model) if recipe.ema.enabled else None,
+        optimizer=make_optimizer(model, recipe),
+        class_weights=class_weights(recipe.loss, train_labels, num_classes).to(device),
+        device=device,
+        recipe_hash=recipe_hash(recipe),
+        memory_format=memory_format,
+    )
+
+
+def training_memory_format(arch: ArchSpec) -> torch.memory_format:
+    """Channels-last (NHWC) for convolutional nets: the same maths, faster training on CPU (oneDNN; measured
+    1.3x for cnn-small, 1.04x for resnet18 at 28x28)."""
+    return torch.channels_last if arch.name in CONVNETS else torch.contiguous_format
+
+
+def build_trainable_model(recipe: Recipe, arch: ArchSpec, backbone_dir: Path | None) -> nn.Module:
+    """Seeded init, optional pretrained backbone, then PEFT adapters (method none = full fine-tuning)."""
+    torch.manual_seed(recipe.seed)
+    model = build_model(arch)
+    if backbone_dir is not None:
+        load_pretrained_backbone(model, str(backbone_dir))
+    p = recipe.peft
+    spec = PeftSpec(method=p.method, rank=p.rank, alpha=p.alpha, dropout=p.dropout, target_modules=p.target_modules)
+    return apply_peft(model, spec, arch.name, extra_trainable=p.extra_trainable)
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters; no weight decay on biases and norm weights (1-d)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for _, p in params if p.ndim > 1]
+    no_decay = [p for _, p in params if p.ndim <= 1]
+    o = recipe.optimizer
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, lr: float, clip_norm: float) -> None:
+    """Set the LR, clip the gradient norm (when clip_norm > 0), step and clear the gradients."""
+    set_lr(optimizer, lr)
+    if clip_norm > 0:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def schedule_steps(recipe: Recipe, train_images: int) -> tuple[int, int]:
+    """(total optimizer steps, warmup steps) of a recipe on `train_images` images."""
+    micro_batches = len(batches(np.arange(train_images, dtype=np.int64), recipe.batch_size))
+    steps_per_epoch = math.ceil(micro_batches / recipe.grad_accum_steps)
+    return steps_per_epoch * recipe.epochs, round(recipe.schedule.warmup_epochs * steps_per_epoch)
+
+
+def train_epoch(
+    state: TrainState,
+    recipe: Recipe,
+    inputs: ModelInputs,
+    labels: npt.NDArray[np.int64],
+    epoch: int,
+    fill: Tensor,
+) -> tuple[float, int]:
+    """One pass over train; returns (mean loss, images seen). Randomness comes from (seed, epoch) only."""
+    total_steps, warmup_steps = schedule_steps(recipe, len(labels))
+    rng = np.random.default_rng([recipe.seed, epoch])
+    torch.manual_seed(recipe.seed * 1_000_003 + epoch)
+    order = rng.permutation(len(labels))
+    epoch_batches = batches(order, recipe.batch_size)
+    num_classes = int(state.class_weights.numel())
+    state.model.train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=state.device.type == "cuda")
+    total_loss, seen, accum = 0.0, 0, recipe.grad_accum_steps
+    bar = ProgressBar(len(epoch_batches), f"epoch {epoch}")
+    for i, (x, idx) in enumerate(inputs.iterate(epoch_batches, recipe.num_workers)):
+        x = x.to(state.device, non_blocking=True)
+        y = torch.from_numpy(labels[idx]).to(state.device)
+        targets = soft_targets(y, num_classes, recipe.loss.label_smoothing)
+        x = augment(x, recipe.augment, rng, fill)
+        x, targets = mix(x, targets, recipe.augment, rng)
+        x = x.contiguous(memory_format=state.memory_format)
+        with autocast:
+            logits = state.model(x)
+        loss = weighted_loss(logits.float(), targets, state.class_weights, recipe.loss)
+        torch.autograd.backward(loss / accum)
+        total_loss += float(loss.detach()) * len(idx)
+        seen += len(idx)
+        if (i + 1) % accum == 0 or i + 1 == len(epoch_batches):
+            s = recipe.schedule
+            factor = lr_factor(state.step, total_steps, warmup_steps, s.name, s.min_lr_ratio)
+            optimizer_step(state.optimizer, recipe.optimizer.lr * factor, recipe.grad_clip_norm)
+            state.step += 1
+            if state.ema is not None:
+                ema_update(state.ema, state.model, warmup_decay(recipe.ema.decay, state.ema_updates))
+                state.ema_updates += 1
+        bar.update(i + 1, float(loss.detach()))
+    bar.close()
+    return total_loss / max(seen, 1), seen
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label = total, label
+        self.enabled = sys.stderr.isatty()
+        self.started = time.perf_counter()
+
+    def update(self, done: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * done / max(self.total, 1))
+        rate = done / max(time.perf_counter() - self.started, 1e-9)
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} loss {loss:.4f} "
+            f"{rate:.1f} batch/s"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.flush()
