@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from visionpipe.cli.main import main
+from visionpipe.cli import main
 from visionpipe.phases.bundle_validation import Gates, ValidationFailed
 from visionpipe.phases.bundle_validation import run as validate
 from visionpipe.phases.export import ExportError

@@ -15,7 +15,7 @@ from bundle_copies import Manifest, copy_bundle, read_manifest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from visionpipe.cli.main import main
+from visionpipe.cli import main
 from visionpipe.serving import bundle as B
 from visionpipe.serving import signing
 

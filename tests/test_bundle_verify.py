@@ -22,7 +22,7 @@ import torch
 from bundle_copies import Manifest, copy_bundle, read_manifest
 from safetensors.torch import save_file
 
-from visionpipe.cli.main import main
+from visionpipe.cli import main
 from visionpipe.serving import bundle as B
 from visionpipe.serving import models as M
 from visionpipe.serving import signing

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import matthews_corrcoef
 
+from visionpipe.data.logits import load_logits
 from visionpipe.phases.calibration import HTML_FILE, PLOT_FILE, CalibrationPhaseError, reliability_html
 from visionpipe.phases.calibration import run as calibrate_run
 from visionpipe.phases.calibrators_fit import fit_calibrator, fit_temperature
 from visionpipe.phases.conformal import ConformalError, conformal_quantile, fit_conformal, fit_scrc
-from visionpipe.phases.threshold_sweep import load_logits
 from visionpipe.phases.threshold_sweep import run as sweep_run
 from visionpipe.serving.calibrators import (
     CALIBRATION_METHODS,

@@ -13,7 +13,7 @@ import yaml
 from k8s_schema import PLATFORM, merge_patch, render
 from kserve_rules import admit
 
-from visionpipe.cli.main import main
+from visionpipe.cli import main
 from visionpipe.rollout.canary import (
     CanaryError,
     Target,

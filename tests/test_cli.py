@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import pytest
 
+from visionpipe.cli import main
 from visionpipe.cli import main as entry_main
-from visionpipe.cli.main import main
 from visionpipe.kfp.local import LocalRun
 from visionpipe.specs.params import CALIBRATION_METHODS, ParameterError, coerce, parse_assignments
 

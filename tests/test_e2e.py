@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from visionpipe.cli.main import main
+from visionpipe.cli import main
 from visionpipe.kfp.local import run_pipeline
 from visionpipe.kfp.training import training_pipeline
 from visionpipe.serving import bundle as B

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from visionpipe.cli import main as cli_main
 from visionpipe.cli import schedule as schedule_verb
 from visionpipe.cli import submit as submit_verb
-from visionpipe.cli.main import main as cli_main
 from visionpipe.kfp import client as kc
 from visionpipe.kfp.client import (
     CronError,

@@ -27,6 +27,7 @@ from k8s_schema import (
 )
 from kserve_rules import DEPLOYMENT_MODE, admit
 
+from visionpipe.cli import canary as canary_cli
 from visionpipe.rollout import canary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,7 +257,7 @@ def test_one_inference_service_name_everywhere(rendered: dict[str, list[Json]]) 
         (isvc,) = of_kind(rendered[base], "InferenceService")
         assert isvc["metadata"]["name"] == canary.DEFAULT_NAME  # type: ignore[index]
     parser = argparse.ArgumentParser()
-    canary.register(parser.add_subparsers(dest="command"))
+    canary_cli.register(parser.add_subparsers(dest="command"))
     assert parser.parse_args(["canary", "status"]).name == canary.DEFAULT_NAME
 
     from visionpipe.kfp.monthly import monthly_retrain_pipeline

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from visionpipe.cli.main import main
+from visionpipe.cli import main
 from visionpipe.kfp.compile import (
     COMPILED_DIR,
     PIPELINES,

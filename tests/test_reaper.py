@@ -72,7 +72,7 @@ def test_grandchildren_die_when_the_parent_is_sigkilled(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkilled_visionpipe_run_leaves_no_training_process(tmp_path: Path) -> None:
-    overrides = '{"epochs": 500, "early_stopping_patience": 0}'
+    overrides = '{"epochs": 500, "early_stopping.patience": 0}'  # a long run, killed while it trains
     token = uuid.uuid4().hex
     parent = subprocess.Popen(
         [

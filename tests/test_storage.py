@@ -351,7 +351,7 @@ def test_endpoint_that_is_not_s3_is_named(
 def test_malformed_endpoint_gets_its_own_message(
     endpoint: str, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from visionpipe.cli.main import main
+    from visionpipe.cli import main
 
     monkeypatch.setenv("S3_ENDPOINT", endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")

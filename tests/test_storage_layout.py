@@ -31,11 +31,11 @@ from PIL import Image
 from s3server import S3Server
 
 from visionpipe.data.datasets import load_dataset
+from visionpipe.data.logits import load_logits
 from visionpipe.harness import free_port, running_server
 from visionpipe.phases.export import ExportResult
 from visionpipe.phases.export import run as export
 from visionpipe.phases.monthly import canary_patch
-from visionpipe.phases.threshold_sweep import load_logits
 from visionpipe.rollout.canary import Target, start_argv
 from visionpipe.serving import bundle as B
 from visionpipe.serving import metrics as M

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import matthews_corrcoef
 
+from visionpipe.data.logits import LogitsError, load_logits
 from visionpipe.phases.threshold_sweep import (
     HTML_FILE,
     PLOT_FILE,
@@ -18,7 +19,6 @@ from visionpipe.phases.threshold_sweep import (
     choose_abstain,
     choose_binary,
     exact_sweep,
-    load_logits,
     parse_objective,
     risk_coverage,
     run,
@@ -197,7 +197,7 @@ def test_curve_csv_has_one_row_per_candidate(tmp_path: Path) -> None:
 
 def test_load_logits_refuses_other_splits(tmp_path: Path) -> None:
     d = _write_logits(tmp_path / "logits", 2, 20, 0)
-    with pytest.raises(SweepError, match="split='train'"):
+    with pytest.raises(LogitsError, match="split='train'"):
         load_logits(d, "train")
 
 

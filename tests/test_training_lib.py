@@ -117,3 +117,19 @@ def test_supervised_train_treats_a_pass_through_backbone_as_none(tmp_path: Path)
         st.run(dataset, out / "model", out / "logits", recipe, out / "ckpt", backbone_dir=backbone, log=quiet)
     a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("plain", "passthrough"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_disabled_domain_pretrain_step_imports_no_torch(tmp_path: Path) -> None:
+    """The disabled step only writes the marker, without paying for a torch import in its pod."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path;"
+        " from visionpipe.training.passthrough import run_disabled, is_passthrough;"
+        f" out = Path({str(tmp_path / 'backbone')!r}); print(run_disabled(out), end='');"
+        " assert is_passthrough(out); assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "disabled" in done.stdout

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`visionpipe ...`: see visionpipe/cli/main.py."""
-    from visionpipe.cli.main import main as run_main
+    """`visionpipe ...`: see visionpipe/cli/app.py."""
+    from visionpipe.cli.app import main as run_main
 
     return run_main(argv)

@@ -37,7 +37,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from visionpipe.cli.summary import summarise_run
 
     started = time.monotonic()
-    print("visionpipe demo: the seven phases on builtin://sklearn-digits through kfp.local\n", flush=True)
+    print("visionpipe demo: the training pipeline on builtin://sklearn-digits through kfp.local\n", flush=True)
     result = run_training(args)
     pipeline_seconds = time.monotonic() - started
     summary = summarise_run(result)

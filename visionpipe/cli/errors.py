@@ -1,6 +1,6 @@
 """The one error style of the `visionpipe` command line.
 
-A verb raises `CliError`; `visionpipe.cli.main.main` prints it as ``visionpipe <verb>: error: <message>`` on
+A verb raises `CliError`; `visionpipe.cli.app.main` prints it as ``visionpipe <verb>: error: <message>`` on
 stderr and exits with its code: 2 for bad input (a bad flag or `-p` value, refused before anything runs or is
 contacted), 1 for a runtime failure (a failed pipeline step, an endpoint that refuses the request).
 """

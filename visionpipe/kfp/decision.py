@@ -6,7 +6,7 @@ calibration_method down to `visionpipe.phases.calibration.run`); none has a defa
 each one, so the run form (and `visionpipe.specs.params`) is where a default is written.
 
 The bundle that bundle_validation assembles, checks and signs (threshold_at_half included) is the one export
-publishes, unchanged: "served = validated" (docs/DESIGN.md). The sub-graph returns export's storage URI as
+publishes, unchanged: "served = validated" (DESIGN.md). The sub-graph returns export's storage URI as
 `bundle_uri`, which the pipelines return as their own output.
 
 kfp.local (2.17.3) runs a nested pipeline only when it has at least one parameter input: the artifact inputs are

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from visionpipe.data.logits import LogitsMeta, load_logits, load_meta
 from visionpipe.phases.calibrators_fit import fit_calibrator
 from visionpipe.phases.conformal import ScrcFit, evaluate_conformal, fit_conformal, fit_scrc, scrc_report
 from visionpipe.phases.report import Table, html_page
-from visionpipe.phases.threshold_sweep import LogitsMeta, load_logits, load_meta
 from visionpipe.serving.calibrators import CALIBRATION_METHODS, Calibrator
 from visionpipe.serving.metrics import FloatArray, IntArray, calibration_bins, calibration_report, nll, softmax
 from visionpipe.serving.policies import (

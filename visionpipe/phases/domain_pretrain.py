@@ -58,7 +58,6 @@ from visionpipe.training.augment import random_resized_crop
 from visionpipe.training.batching import ModelInputs, batches
 from visionpipe.training.ema import ema_update, frozen_copy
 from visionpipe.training.loop import optimizer_step, pick_device
-from visionpipe.training.passthrough import write_passthrough
 from visionpipe.training.peft import apply_peft, merge_peft, trainable_summary
 from visionpipe.training.pretrain_config import PretrainConfig, PretrainError
 from visionpipe.training.schedule import cosine_ramp, lr_factor
@@ -396,10 +395,3 @@ def _check_compatible(arch: ArchSpec, prep: PreprocessSpec) -> None:
             f"arch (in_channels={arch.in_channels}, image_size={arch.image_size}) does not match preprocess "
             f"(channels={prep.channels}, size={prep.size})"
         )
-
-
-def run_disabled(out_dir: Path) -> str:
-    """Domain pretraining switched off: write the pass-through marker into `out_dir` (supervised_train then
-    trains from its own initialisation, exactly as with no backbone) and return the one-line summary."""
-    write_passthrough(out_dir)
-    return "domain_pretrain: disabled (enabled=false); the backbone output is a pass-through marker\n"

@@ -29,6 +29,7 @@ from torch import nn
 
 from visionpipe.data.datasets import Dataset as LoadedDataset
 from visionpipe.data.datasets import SplitData, load_dataset, write_json
+from visionpipe.data.logits import LOGIT_SPLITS
 from visionpipe.serving.metrics import mcc
 from visionpipe.serving.models import VisionClassifier, build_model, load_weights, save_weights
 from visionpipe.serving.preprocessing import to_model_input
@@ -45,7 +46,6 @@ from visionpipe.training.recipes import Recipe
 
 MODEL_FILE = "model.safetensors"
 MODEL_META_FILE = "model.json"
-LOGIT_SPLITS = ("val_calib", "val_test")
 
 FloatArray = npt.NDArray[np.float32]
 Log = Callable[[str], None]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from visionpipe.data.logits import LogitsMeta, load_logits, load_meta
 from visionpipe.phases.report import html_page
 from visionpipe.serving.metrics import FloatArray, IntArray, binary_metrics_from_counts, softmax
 from visionpipe.serving.policies import ThresholdPolicy, apply_policy
@@ -29,7 +30,6 @@ from visionpipe.serving.policies import ThresholdPolicy, apply_policy
 if TYPE_CHECKING:  # the phase core imports nothing from kfp at run time (visionpipe/kfp/components/ does)
     from kfp.dsl import ClassificationMetrics
 
-SPLITS = ("val_calib", "val_test")
 SIMPLE_OBJECTIVES = ("mcc", "f1", "youden")
 CONSTRAINED_OBJECTIVES = ("recall_at_precision", "precision_at_recall")
 ROC_POINTS = 200
@@ -44,64 +44,6 @@ class SweepError(ValueError):
 
 class ObjectiveInfeasibleError(SweepError):
     """Raised when no threshold satisfies the objective's constraint."""
-
-
-# ---------------------------------------------------------------------------------------------- loading
-@dataclass(frozen=True)
-class LogitsMeta:
-    classes: tuple[str, ...]
-    positive_class: str | None
-
-    def __post_init__(self) -> None:
-        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
-            raise SweepError(f"meta classes={list(self.classes)} must hold >= 2 distinct names")
-        if self.positive_class is not None and self.positive_class not in self.classes:
-            raise SweepError(f"meta positive_class={self.positive_class!r} is not one of {list(self.classes)}")
-
-    @property
-    def task(self) -> str:
-        return "binary" if len(self.classes) == 2 else "multiclass"
-
-    @property
-    def positive_index(self) -> int:
-        """Binary: index of the positive class (classes[1] when positive_class is null)."""
-        return 1 if self.positive_class is None else self.classes.index(self.positive_class)
-
-
-def load_meta(logits_dir: Path) -> LogitsMeta:
-    """Read ``meta.json`` of a logits artifact directory."""
-    path = Path(logits_dir) / "meta.json"
-    if not path.is_file():
-        raise SweepError(f"{path} is missing; a logits artifact holds meta.json, val_calib.npz, val_test.npz")
-    raw = json.loads(path.read_text())
-    classes = raw.get("classes")
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise SweepError(f"{path}: classes={classes!r} must be a list of class names")
-    positive = raw.get("positive_class")
-    if positive is not None and not isinstance(positive, str):
-        raise SweepError(f"{path}: positive_class={positive!r} must be a class name or null")
-    return LogitsMeta(tuple(classes), positive)
-
-
-def load_logits(logits_dir: Path, split: str) -> tuple[FloatArray, IntArray]:
-    """(logits float64 (N, K), labels int64 (N,)) of one split; only val_calib and val_test exist here."""
-    if split not in SPLITS:
-        raise SweepError(f"split={split!r} is not one of {SPLITS}")
-    path = Path(logits_dir) / f"{split}.npz"
-    if not path.is_file():
-        raise SweepError(f"{path} is missing")
-    with np.load(path, allow_pickle=False) as data:
-        if "logits" not in data or "labels" not in data:
-            raise SweepError(f"{path} must hold arrays 'logits' and 'labels'; has {sorted(data.files)}")
-        logits = np.asarray(data["logits"], dtype=np.float64)
-        labels = np.asarray(data["labels"], dtype=np.int64)
-    if logits.ndim != 2 or logits.shape[1] < 2 or labels.shape != (logits.shape[0],):
-        raise SweepError(f"{path}: logits must be (N, K>=2) and labels (N,); got {logits.shape}, {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-        raise SweepError(f"{path}: labels must lie in [0, {logits.shape[1] - 1}]")
-    if not np.isfinite(logits).all():
-        raise SweepError(f"{path}: logits contain non-finite values")
-    return logits, labels
 
 
 # -------------------------------------------------------------------------------------------- objective

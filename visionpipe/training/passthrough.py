@@ -1,5 +1,6 @@
 """The pass-through backbone: what domain_pretrain writes when it is disabled, and supervised_train treats
-exactly like no backbone (the training graph always runs domain_pretrain; see DESIGN.md, contract 4)."""
+exactly like no backbone. The training graph always runs domain_pretrain, since kfp.local 2.17.3 cannot resolve
+an artifact dsl.OneOf (see visionpipe/kfp/training.py). Torch-free, so a disabled step does not import torch."""
 
 import json
 from pathlib import Path
@@ -27,3 +28,10 @@ def is_passthrough(backbone_dir: Path | None) -> bool:
         return bool(json.loads(path.read_text()) == MARKER)
     except json.JSONDecodeError:
         return False
+
+
+def run_disabled(out_dir: Path) -> str:
+    """Domain pretraining switched off: write the pass-through marker into `out_dir` (supervised_train then
+    trains from its own initialisation, exactly as with no backbone) and return the one-line summary."""
+    write_passthrough(out_dir)
+    return "domain_pretrain: disabled (enabled=false); the backbone output is a pass-through marker\n"

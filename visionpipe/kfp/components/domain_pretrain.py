@@ -1,5 +1,5 @@
 """The KFP component of phase 2, domain_pretrain (thin: its body imports and calls
-visionpipe.phases.domain_pretrain.run, or run_disabled when enabled is false)."""
+visionpipe.phases.domain_pretrain.run, or visionpipe.training.passthrough.run_disabled when enabled is false)."""
 
 # No `from __future__ import annotations` here: KFP reads the component signature at import time.
 from typing import Optional
@@ -37,15 +37,17 @@ def domain_pretrain(
     import json
     from pathlib import Path
 
-    from visionpipe.phases.domain_pretrain import run, run_disabled
-    from visionpipe.training.pretrain_config import PretrainConfig
+    if not enabled:  # torch-free: the disabled step only writes the pass-through marker
+        from visionpipe.training.passthrough import run_disabled
 
-    if not enabled:
         line = run_disabled(Path(backbone.path))
         backbone.metadata.update({"passthrough": True})
         Path(summary.path).write_text(line)
         print(line, end="")
         return
+
+    from visionpipe.phases.domain_pretrain import run
+    from visionpipe.training.pretrain_config import PretrainConfig
 
     settings: dict[str, object] = {
         "epochs": epochs,
