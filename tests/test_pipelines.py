@@ -437,3 +437,21 @@ def test_a_bad_calibration_method_is_refused_before_any_step(tmp_path: Path, cap
     assert ran <= {"check-training-run-form"}, ran
     assert "Executing task 'data-fetch'" not in logs.replace("\x1b[96m", "").replace("\x1b[0m", "")
     assert not (tmp_path / "bundles").exists()
+
+
+def test_run_form_descriptions_are_written_once_and_none_is_stale() -> None:
+    """visionpipe/kfp/run_form.py describes each parameter once: shared entries are parameters of both pipelines,
+    a pipeline's own entries are its parameters, and every parameter has exactly one description."""
+    import inspect
+
+    from visionpipe.kfp import run_form
+
+    params = {
+        "training": set(inspect.signature(training_pipeline.pipeline_func).parameters),
+        "monthly-retrain": set(inspect.signature(monthly_retrain_pipeline.pipeline_func).parameters),
+    }
+    assert set(run_form.SHARED) <= params["training"] & params["monthly-retrain"]
+    for name, own in run_form.PIPELINES.items():
+        assert set(own) <= params[name], set(own) - params[name]
+        assert not set(own) & set(run_form.SHARED), "described twice"
+        assert params[name] <= set(own) | set(run_form.SHARED), params[name] - set(own) - set(run_form.SHARED)

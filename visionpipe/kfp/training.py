@@ -18,6 +18,7 @@ from visionpipe.kfp.components.model_spec import resolve_model_spec
 from visionpipe.kfp.components.supervised_train import supervised_train
 from visionpipe.kfp.decision import decide_and_publish
 from visionpipe.kfp.platform import training_resources, use_s3_secret
+from visionpipe.kfp.run_form import run_form_doc
 from visionpipe.serving.storage import S3_SECRET, S3_SECRET_KEYS  # noqa: F401 (re-exported: the Secret and its keys)
 
 PIPELINE_NAME = "visionpipe-training"
@@ -30,6 +31,7 @@ class TrainingOutputs(NamedTuple):
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Train, threshold, calibrate, validate and publish an image classifier.")
+@run_form_doc("training")
 def training_pipeline(
     source: str = "builtin://sklearn-digits",
     positive_class: str = "",
@@ -67,80 +69,7 @@ def training_pipeline(
     destination: str = "bundles",
     threshold_at_half: bool = False,
 ) -> TrainingOutputs:
-    """Train, threshold, calibrate, validate and publish an image classifier.
-
-    Args:
-        source: Where the labelled images come from: builtin://sklearn-digits (scikit-learn's 1,797 8x8 grey
-            digits, no download), or an image folder laid out as <class>/<image> (.png, .jpg, .jpeg) under
-            s3://bucket/prefix or a local path (a local path only where the step can read it, e.g. kfp.local).
-            Class names are the folder names, sorted.
-        positive_class: For a two-class task, the class folder name that is "positive": the threshold sweep
-            decides for it, the min_mcc gate and the MCC champion comparison apply, threshold_at_half is
-            allowed. Must be one of the class names; empty = none (multi-class tasks).
-        image_size: Resize every image to image_size x image_size pixels (bilinear), 1..4096; 0 = keep the
-            native size (every image must then have the same size).
-        train_ratio: Share of the images in the train split (fits the model). Each ratio > 0; the four split
-            ratios must sum to 1. Splits are stratified and identical images never straddle two splits.
-        val_select_ratio: Share of the images in val_select (picks the best epoch). > 0; the four ratios sum to 1.
-        val_calib_ratio: Share of the images in val_calib (fits the threshold, the calibrator and the conformal /
-            SCRC parameters). > 0; the four ratios sum to 1.
-        val_test_ratio: Share of the images in val_test (reported on and gated on, never fitted on). > 0; the
-            four ratios sum to 1.
-        seed: Integer seed of the splits, of domain_pretrain, of the bootstrap and of the calibration folds (the
-            training seed is the recipe's own `seed`).
-        max_bad_fraction: Largest share of unreadable or non-image files in the source, in [0, 1); such files
-            are left out and listed in the data summary, above this share the run fails.
-        recipe: Training recipe: a shipped name (digits-cnn, digits-cnn-mnist, digits-resnet18,
-            roadwork-vit-dora, roadwork-dinov2-lora) or the path of a recipe YAML file inside the image.
-        recipe_overrides_json: JSON object overriding recipe fields, nested or with dotted keys, e.g.
-            {"epochs": 3, "optimizer.lr": 0.01}; {} = the recipe as shipped.
-        checkpoint_uri: s3://bucket/prefix (or an absolute folder every attempt sees) to which each epoch's
-            training checkpoint is mirrored, so a retried training pod on an empty disk resumes; empty = the
-            checkpoint stays in the pod only.
-        domain_pretrain_enabled: true = first adapt the backbone with self-supervised domain_pretrain
-            (ExPLoRA-style DINO on the train images, labels unused), then train from it; false = train directly.
-        pretrain_epochs: Epochs of domain_pretrain (>= 1); used only when domain_pretrain_enabled is true.
-        pretrain_max_steps: Cap on domain_pretrain's optimizer steps (>= 0); 0 = no cap, the epochs decide.
-        objective: Two-class threshold objective maximised on val_calib: mcc, f1, youden,
-            recall_at_precision>=P or precision_at_recall>=R (P, R in [0, 1], e.g. recall_at_precision>=0.9).
-            Ignored for multi-class tasks.
-        target_selective_accuracy: Multi-class tasks: the abstain threshold is the one with the largest coverage
-            whose selective accuracy on val_calib is at least this value, in (0, 1]. Ignored for two-class tasks.
-        bootstrap: Number of bootstrap resamples (>= 1) for the 95% confidence interval of the objective at the
-            chosen threshold.
-        calibration_method: Probability calibrator fitted on val_calib: auto (lowest cross-fitted NLL among the
-            candidates), identity, temperature, platt, beta or isotonic; platt, beta and isotonic only for
-            two-class tasks.
-        alpha: Miscoverage level in (0, 1) of the conformal prediction sets (they hold the true class with
-            probability >= 1 - alpha) and the risk target of SCRC.
-        conformal_score: Conformal score of the prediction sets: lac, aps or raps.
-        scrc_selection_rate: Share of the images, in (0, 1], that SCRC selects (the rest abstain).
-        scrc_delta: SCRC confidence level in (0, 1): with probability >= 1 - delta the risk on the selected
-            images is <= alpha.
-        active_policy: Decision policy the served bundle applies: threshold (the sweep's threshold) or scrc;
-            the other one is kept as the fallback.
-        model_name: Name of the bundle (and of its KServe InferenceService, `digits` by project convention);
-            the bundle is published at <destination>/<model_name>/<version>/.
-        description: Free-text description in the model card; empty = "<model_name>: <K>-class image
-            classifier".
-        submitter: Who submitted the run, recorded in the model card; empty = not recorded.
-        parent_bundle: URI of the bundle this one derives from, recorded in the provenance; empty = none.
-        min_accuracy: Quality gate: val_test accuracy must be >= this value (at most 1); negative = gate off.
-        min_mcc: Quality gate for two-class tasks with positive_class set: val_test MCC must be >= this value,
-            in [-1, 1]; below -1 = gate off.
-        max_ece: Quality gate: val_test expected calibration error (15 equal-width bins, calibrated
-            probabilities) must be <= this value (at most 1); negative = gate off.
-        champion_uri: Bundle to compare with (a folder or s3://bucket/.../<name>/<version>): the run fails when
-            the candidate's val_test MCC (two-class with positive_class) or accuracy is below the champion's
-            minus champion_margin; empty = no champion check.
-        champion_margin: How much worse than the champion the candidate may be (>= 0, in units of the compared
-            metric: MCC or accuracy).
-        destination: Where the bundle is published, at <destination>/<model_name>/<version>/ (never
-            overwritten). On a cluster it must be an s3://bucket/prefix URI (a pod's folders vanish with the
-            pod); a local folder only with kfp.local (`visionpipe run` defaults it to ./bundles).
-        threshold_at_half: true = publish a two-class bundle (positive_class set) whose calibrated probability is
-            remapped so that the decision threshold sits at 0.5 (same decisions); false = publish as validated.
-    """
+    """Train, threshold, calibrate, validate and publish an image classifier."""
     check = check_training_run_form(
         source=source,
         positive_class=positive_class,
