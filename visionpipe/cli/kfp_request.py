@@ -6,26 +6,8 @@ type ``-p NAME=VALUE`` arguments by the run-form table (our pipelines) or the pa
 (``GET {host}/apis/v2beta1/healthz``, short timeout, no proxy) and only then talk to it through
 `kfp.Client`. ``--dry-run`` prints the request as JSON and contacts nothing.
 
-Schedules use KFP's cron format (robfig/cron v1, evaluated in UTC): six fields, **seconds first**::
-
-    seconds  minutes  hours  day-of-month  month  day-of-week
-    0-59     0-59     0-23   1-31 or ?     1-12 or JAN-DEC   0-6 or SUN-SAT, or ?
-
-Each field is ``*``, a value, a range ``a-b``, a step ``*/n`` / ``a-b/n`` / ``a/n``, or a comma list of those.
-A five-field (Unix) expression is refused: KFP would silently read it as seconds..month, so
-``0 3 1 * *`` would run every day at 01:03:00 rather than monthly. The monthly retrain default,
-``0 0 3 1 * *``, is 03:00:00 UTC on the first of every month. Descriptors (``@monthly``, ``@every 24h``) are
-accepted as KFP accepts them.
-
-Authentication: an optional bearer token from ``--token``, or the environment (``KF_PIPELINES_TOKEN``, then
-``KFP_TOKEN``). It is sent as ``Authorization: Bearer ...`` and never printed.
-
-Refused before anything is contacted: a ``destination`` (``-p destination=...``, or the package's default) that
-is not an ``s3://`` URI (on the cluster the export step would write into its pod's disk, deleted with the pod).
-
-Namespace (multi-user Kubeflow): ``--namespace``, else the namespace of the current kube context
-(``$KUBECONFIG`` or ``~/.kube/config``). A single-user KFP ignores it. When the endpoint's healthz says
-``multi_user: true`` and no namespace is known, the request is refused with how to set one.
+The help text adds the cron format (visionpipe/kfp/cron.py) and the authentication, destination and namespace
+rules (visionpipe/kfp/client.py) from those modules' own descriptions.
 """
 
 from __future__ import annotations
@@ -37,6 +19,7 @@ from pathlib import Path
 
 from visionpipe.cli.errors import bad_input, failure
 from visionpipe.cli.options import add_param_option, check_run_form, parse_params
+from visionpipe.kfp import client, cron
 from visionpipe.kfp.client import (
     HOST_ENV_VAR,
     PIPELINE_NAMES,
@@ -60,7 +43,11 @@ from visionpipe.kfp.client import (
 )
 from visionpipe.specs.params import kinds
 
-DESCRIPTION = __doc__
+_CLIENT_RULES = (client.__doc__ or "").partition("Authentication:")
+# `visionpipe submit|schedule --help`: what they share, the cron format, then the client's rules, each written once.
+DESCRIPTION = "\n".join(
+    [(__doc__ or "").rpartition("The help text adds")[0], cron.__doc__ or "", _CLIENT_RULES[1] + _CLIENT_RULES[2]]
+)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_pipeline: str) -> None:
