@@ -139,6 +139,27 @@ def binary_candidate(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def half_candidate(binary_candidate: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """binary_candidate's inputs validated with threshold_at_half: bundle_validation assembles the bundle that
+    export publishes unchanged (read-only for the tests that use it)."""
+    from visionpipe.phases.bundle_validation import run as validate
+
+    root = binary_candidate.parent
+    out = tmp_path_factory.mktemp("half") / "bundle"
+    validate(
+        root / "ds",
+        root / "model",
+        root / "logits",
+        root / "cal",
+        out,
+        root / "thr",
+        name="eights",
+        threshold_at_half=True,
+    )
+    return out
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """Under `.ci/run` (VISIONPIPE_NO_SKIPS=1) a skipped test fails: a missing tool (kubectl, the platform CRDs,

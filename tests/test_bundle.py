@@ -223,24 +223,6 @@ def test_binary_bundle_serves_the_sweep_threshold(binary_candidate: Path) -> Non
     assert threshold["space"] == "calibrated" and 0 < threshold["threshold"] < 1
 
 
-@pytest.fixture(scope="module")
-def half_candidate(binary_candidate: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The binary candidate's inputs validated with threshold_at_half: the bundle export publishes unchanged."""
-    root = binary_candidate.parent
-    out = tmp_path_factory.mktemp("half") / "bundle"
-    validate(
-        root / "ds",
-        root / "model",
-        root / "logits",
-        root / "cal",
-        out,
-        root / "thr",
-        name="eights",
-        threshold_at_half=True,
-    )
-    return out
-
-
 def test_threshold_at_half_export_keeps_every_decision(
     binary_candidate: Path, half_candidate: Path, tmp_path: Path
 ) -> None:

@@ -342,26 +342,6 @@ def test_local_destination_retry_is_idempotent_and_cleans_leftovers(
     assert export(candidate, str(tmp_path / "out")) == expected and events == []
 
 
-@pytest.fixture(scope="module")
-def half_candidate(binary_candidate: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The binary candidate's inputs validated with threshold_at_half (bundle_validation assembles it)."""
-    from visionpipe.phases.bundle_validation import run as validate
-
-    root = binary_candidate.parent
-    out = tmp_path_factory.mktemp("half") / "bundle"
-    validate(
-        root / "ds",
-        root / "model",
-        root / "logits",
-        root / "cal",
-        out,
-        root / "thr",
-        name="eights",
-        threshold_at_half=True,
-    )
-    return out
-
-
 def test_threshold_at_half_retry_is_idempotent(
     half_candidate: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
