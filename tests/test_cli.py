@@ -5,6 +5,8 @@ parser, one error style, and the progress lines / log files of a real kfp.local 
 """
 
 import io
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -258,3 +260,14 @@ def test_verbose_streams_everything(tmp_path: Path) -> None:
     text = out.getvalue()
     assert "Got executor_input" in text and "streamed output of step 2" in text
     assert result.log_path is not None and result.log_path.is_file()
+
+
+def test_the_cli_starts_without_torch() -> None:
+    """Building the whole parser (every verb's flags, `serve`'s included) imports neither torch nor numpy, so a
+    refused `-p` value or `--help` answers at once; serving imports torch only when it serves."""
+    code = (
+        "import sys; from visionpipe.cli.app import build_parser; build_parser();"
+        " heavy = sorted(m for m in ('torch', 'numpy', 'kserve') if m in sys.modules); print(heavy)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

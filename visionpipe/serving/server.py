@@ -21,7 +21,6 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from visionpipe.serving.bundle import BundleError
 from visionpipe.serving.limits import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BODY_BYTES,
@@ -32,7 +31,7 @@ from visionpipe.serving.limits import (
     DEFAULT_MAX_SIDE,
 )
 from visionpipe.serving.server_util import LOOPBACK, run_model_server
-from visionpipe.serving.tta import TTA_MODES
+from visionpipe.specs.preprocess import TTA_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +93,7 @@ def _int_flag(group: argparse._ArgumentGroup, name: str, default: int | None, he
 
 
 def serve(args: argparse.Namespace, bundles: Sequence[str]) -> None:
+    from visionpipe.serving.bundle import BundleError  # torch: imported only when serving, not for --help
     from visionpipe.serving.hard_examples import HardExampleConfig, HardExampleLogger
     from visionpipe.serving.predictor import ServeConfig, VisionPredictor
     from visionpipe.serving.runtime import WorkerPool, configure_torch_threads, cpu_budget, default_torch_threads

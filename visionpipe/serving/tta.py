@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-TTA_MODES = ("off", "5", "17")
+from visionpipe.specs.preprocess import TTA_MODES as TTA_MODES  # defined with the specs, torch-free
 
 Shift = tuple[int, int]  # (dy, dx) in pixels: +dy moves content down, +dx moves it right
 FOUR_SHIFTS: tuple[Shift, ...] = ((-1, 0), (1, 0), (0, -1), (0, 1))

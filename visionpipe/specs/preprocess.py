@@ -11,6 +11,8 @@ from visionpipe.specs.checks import SpecError
 
 PREPROCESS_VERSION = "v1"
 KINDS: tuple[str, ...] = ("standard", "digit-upload")
+# Test-time augmentation modes a server applies on top of the preprocessing (visionpipe/serving/tta.py).
+TTA_MODES: tuple[str, ...] = ("off", "5", "17")
 
 
 class PreprocessError(SpecError):
