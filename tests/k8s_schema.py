@@ -512,6 +512,8 @@ class SchemaWalker:
             text = str(rule.get("rule", ""))
             verdict = evaluate_cel(text, value, old)
             if verdict is None:
+                verdict = evaluate_cel_full(text, value, old)
+            if verdict is None:
                 self.result.unevaluated.append(Issue(path, f"CEL rule not evaluated: {text}", self.source))
             elif verdict is False:
                 message = rule.get("message") or f"failed rule: {text}"
@@ -584,6 +586,36 @@ def evaluate_cel(rule: str, value: object, old: object = _MISSING) -> bool | Non
         group, kind = obj.get("group", ""), obj.get("kind", "Service")
         return not (group == "" and kind == "Service") or "port" in obj
     return None
+
+
+@functools.cache
+def _cel_program(rule: str) -> object:
+    import celpy  # cel-python: a CEL interpreter (the language of x-kubernetes-validations)
+
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
+def evaluate_cel_full(rule: str, value: object, old: object = _MISSING) -> bool | None:
+    """A rule the shapes of `evaluate_cel` do not cover, run by cel-python with `self` (and `oldSelf` on updates)
+    bound as the API server binds them (k8s.io/apiextensions-apiserver pkg/apiserver/schema/cel: `self` is the value
+    at the rule's path; a transition rule, one naming `oldSelf`, runs only when an old value exists). None when the
+    rule uses something cel-python lacks (Kubernetes' own CEL libraries: quantity, url, ip, ...) or fails to run:
+    then it stays listed as not evaluated."""
+    import celpy
+
+    uses_old = re.search(r"\boldSelf\b", rule) is not None
+    if uses_old and old is _MISSING:
+        return True  # not a transition: the API server skips the rule
+    try:
+        program = _cel_program(rule)
+        activation = {"self": celpy.json_to_cel(value)}
+        if uses_old:
+            activation["oldSelf"] = celpy.json_to_cel(old)
+        verdict = program.evaluate(activation)  # type: ignore[attr-defined]  # celpy.Runner
+    except Exception:
+        return None
+    return bool(verdict) if isinstance(verdict, celpy.celtypes.BoolType) else None
 
 
 def _nested(value: object, *keys: str) -> object:
@@ -788,9 +820,13 @@ def validate_custom_resource(
     props = dict(schema.get("properties") or {})  # type: ignore[call-overload]
     props.pop("metadata", None)  # validated above as ObjectMeta
     schema["properties"] = props
-    body = {k: copy.deepcopy(v) for k, v in obj.items() if k != "metadata"}
+    # apiVersion, kind and metadata at the root are never pruned, whatever the schema lists (k8s.io/apiextensions-
+    # apiserver pkg/apiserver/schema/pruning/algorithm.go: `isResourceRoot` skips them); Istio's CRDs list only
+    # spec and status. apiVersion / kind were already matched to this CRD by `validate`.
+    root = ("apiVersion", "kind", "metadata")
+    body = {k: copy.deepcopy(v) for k, v in obj.items() if k not in root}
     walker = SchemaWalker()
-    old_body: object = {k: v for k, v in old.items() if k != "metadata"} if old is not None else _MISSING
+    old_body: object = {k: v for k, v in old.items() if k not in root} if old is not None else _MISSING
     walker.walk(body, schema, "", old_body)
     result.extend(walker.result)
     return result

@@ -40,7 +40,11 @@ def test_valid_candidate_loads_and_reproduces_reported_metrics(candidate: Path) 
     assert bundle.classes == tuple(str(d) for d in range(10))
     assert bundle.signature == "v1/grayscale+resize28+norm(0.5,0.5)"
     manifest = bundle.manifest
-    assert set(manifest["files"]) == {"weights/member-0.safetensors", "model_card.json"}  # type: ignore[arg-type]
+    assert set(manifest["files"]) == {  # type: ignore[arg-type]
+        "weights/member-0.safetensors",
+        "model_card.json",
+        B.DRIFT_REFERENCE_FILE,
+    }
     card = json.loads((candidate / B.MODEL_CARD_FILE).read_text())
     assert card["name"] == "digits-test" and card["version"] == manifest["version"]
     assert "validation.md" in {p.name for p in (candidate / "reports").iterdir()}

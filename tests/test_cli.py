@@ -107,7 +107,7 @@ def test_monthly_values_are_checked_by_the_monthly_table(capsys: pytest.CaptureF
     argv = ["schedule", "--dry-run", "-p", "destination=s3://m/b", "-p", "canary_percent=0", "-p", "data_month=10"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "canary_percent=0" in err and "[1, 100]" in err and "data_month='10'" in err and "YYYY-MM" in err
+    assert "canary_percent=0" in err and "[1, 99]" in err and "data_month='10'" in err and "YYYY-MM" in err
 
 
 # --------------------------------------------------------------------------------------------- the -p parser

@@ -222,13 +222,19 @@ def _last_modified(uri: str) -> dict[str, object]:
     return {o.object_name: o.last_modified for o in client.list_objects(bucket, prefix=key + "/", recursive=True)}
 
 
+def _rewrite(candidate: Path, out: Path, manifest: dict[str, object], card: dict[str, object]) -> None:
+    """Write `candidate`'s weights and drift reference under another manifest / model card (same signing key)."""
+    extra = {B.DRIFT_REFERENCE_FILE: candidate / B.DRIFT_REFERENCE_FILE}
+    B.write_bundle(out, manifest, [candidate / "weights" / "member-0.safetensors"], card, extra)
+
+
 def _other_candidate(candidate: Path, out: Path) -> Path:
     """The candidate with another model card under the same name and version (signed with the same key)."""
     manifest = json.loads((candidate / B.BUNDLE_FILE).read_text())
     manifest.pop("files")
     card = json.loads((candidate / B.MODEL_CARD_FILE).read_text())
     card["description"] = "another candidate under the same version"
-    B.write_bundle(out, manifest, [candidate / "weights" / "member-0.safetensors"], card)
+    _rewrite(candidate, out, manifest, card)
     return out
 
 
@@ -254,7 +260,7 @@ def test_only_manifest_fields_differ_names_bundle_json(candidate: Path, tmp_path
     manifest.pop("files")
     manifest["created"] = "2001-01-01T00:00:00Z"
     card = json.loads((candidate / B.MODEL_CARD_FILE).read_text())
-    B.write_bundle(other, manifest, [candidate / "weights" / "member-0.safetensors"], card)
+    _rewrite(candidate, other, manifest, card)
     with pytest.raises(ExportError, match=r"first difference: bundle\.json: same files, other fields \(created\)"):
         export(other, str(tmp_path / "out"))
     assert B.read_bundle(first.uri).manifest == B.read_bundle(candidate).manifest
@@ -314,7 +320,7 @@ def test_a_sibling_version_is_never_taken_for_stray_objects(
     card = json.loads((candidate / B.MODEL_CARD_FILE).read_text())
     card["version"] = manifest["version"]
     sibling_dir = tmp_path / "sibling"
-    B.write_bundle(sibling_dir, manifest, [candidate / "weights" / "member-0.safetensors"], card)
+    _rewrite(candidate, sibling_dir, manifest, card)
     sibling = export(sibling_dir, f"{s3_bucket}/bundles")
     events = _record(monkeypatch)
     result = export(candidate, f"{s3_bucket}/bundles")

@@ -187,22 +187,79 @@ def test_raw_canary_overlay_is_a_native_standard_mode_canary(rendered: dict[str,
     assert entry == canary.start_patch("standard", model["storageUri"], 10)["spec"]["canary"][0]  # type: ignore[index]
 
 
-def test_shadow_overlay_wires_logger_replayer_and_candidate(rendered: dict[str, list[Json]]) -> None:
-    docs = rendered["overlays/shadow"]
-    (primary,) = of_kind(docs, "InferenceService", "digits")
+SHADOW = {"overlays/shadow": "Serverless", "overlays/shadow-standard": "Standard"}
+
+
+@pytest.mark.parametrize(("overlay", "mode"), SHADOW.items())
+def test_shadow_overlays_log_both_sides_to_one_collector(
+    rendered: dict[str, list[Json]], overlay: str, mode: str
+) -> None:
+    """Both InferenceServices log request and response (mode all) to the collector, with X-Request-Id (the join
+    key) in the events' metadata; the candidate serves under the primary's model name (a mirror keeps the path)."""
+    assert overlay in ALL
+    docs = rendered[overlay]
+    (primary,) = of_kind(docs, "InferenceService", canary.DEFAULT_NAME)
     (candidate,) = of_kind(docs, "InferenceService", "digits-candidate")
-    logger = primary["spec"]["predictor"]["logger"]  # type: ignore[index]
-    assert logger["mode"] == "all"
-    (service,) = of_kind(docs, "Service", "visionpipe-shadow")
-    assert logger["url"].startswith(f"http://{service['metadata']['name']}")  # type: ignore[index]
-    (deployment,) = of_kind(docs, "Deployment", "visionpipe-shadow")
+    (service,) = of_kind(docs, "Service", "visionpipe-shadow-collector")
+    (deployment,) = of_kind(docs, "Deployment", "visionpipe-shadow-collector")
+    for isvc in (primary, candidate):
+        assert isvc["metadata"]["annotations"][DEPLOYMENT_MODE] == mode  # type: ignore[index]
+        logger = isvc["spec"]["predictor"]["logger"]  # type: ignore[index]
+        assert logger == {
+            "mode": "all",
+            "url": f"http://{service['metadata']['name']}/",
+            "metadataHeaders": ["X-Request-Id"],
+        }  # type: ignore[index]
+    assert candidate["spec"]["predictor"]["model"]["args"] == [f"--model_name={canary.DEFAULT_NAME}"]  # type: ignore[index]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]  # type: ignore[index]
-    assert container["args"][:2] == ["-m", "visionpipe.rollout.shadow"]
-    candidate_url = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--candidate-url="))
-    name = candidate["metadata"]["name"]  # type: ignore[index]
-    assert candidate_url.startswith(f"http://{name}-predictor/") and f"/v1/models/{name}:predict" in candidate_url
-    assert "--host=0.0.0.0" in container["args"]
-    assert "logger" not in candidate["spec"]["predictor"]  # type: ignore[index]
+    args = container["args"]
+    assert args[:2] == ["-m", "visionpipe.monitoring.collector"] and "--host=0.0.0.0" in args
+    assert f"--primary={primary['metadata']['name']}" in args  # type: ignore[index]
+    assert f"--candidate={candidate['metadata']['name']}" in args  # type: ignore[index]
+    drift = next(a.split("=", 1)[1] for a in args if a.startswith("--drift-reference="))
+    assert drift == primary["spec"]["predictor"]["model"]["storageUri"], "drift is measured against the primary"  # type: ignore[index]
+    port = next(
+        p["containerPort"] for p in container["ports"] if p["name"] == service["spec"]["ports"][0]["targetPort"]
+    )  # type: ignore[index]
+    assert f"--port={port}" in args
+    collector_files = [(MANIFESTS / o / "collector.yaml").read_text() for o in SHADOW]
+    assert collector_files[0] == collector_files[1], "keep the two overlays' collector.yaml identical"
+
+
+def test_serverless_shadow_mirrors_to_the_candidates_pods(rendered: dict[str, list[Json]]) -> None:
+    """Istio mirror + mirrorPercentage on a host of our own, both legs Services that select the predictor pods on
+    Knative's queue-proxy port (no Host-based routing on the way: see manifests/overlays/shadow/mirror.yaml)."""
+    docs = rendered["overlays/shadow"]
+    (vs,) = of_kind(docs, "VirtualService", "digits-shadow")
+    (route,) = vs["spec"]["http"]  # type: ignore[index]
+    (leg,) = route["route"]
+    assert route["mirrorPercentage"]["value"] == 100.0
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}  # type: ignore[index]
+    for host, isvc in ((leg["destination"]["host"], "digits"), (route["mirror"]["host"], "digits-candidate")):
+        service = services[host]
+        assert service["spec"]["selector"] == {"serving.kserve.io/inferenceservice": isvc, "component": "predictor"}  # type: ignore[index]
+        (port,) = service["spec"]["ports"]  # type: ignore[index]
+        assert port["targetPort"] == "queue-port"
+    assert vs["spec"]["hosts"] == [leg["destination"]["host"]]  # type: ignore[index]
+    kserve_owned = {
+        canary.DEFAULT_NAME,
+        f"{canary.DEFAULT_NAME}-predictor",
+        "digits-candidate",
+        "digits-candidate-predictor",
+    }
+    assert not kserve_owned & set(vs["spec"]["hosts"]), "KServe and Knative reconcile those hosts' routes"  # type: ignore[index]
+
+
+def test_standard_shadow_mirrors_with_a_gateway_api_route(rendered: dict[str, list[Json]]) -> None:
+    docs = rendered["overlays/shadow-standard"]
+    (route,) = of_kind(docs, "HTTPRoute", "digits-shadow")
+    (parent,) = route["spec"]["parentRefs"]  # type: ignore[index]
+    assert (parent["kind"], parent["name"], parent["port"]) == ("Service", "digits-predictor", 80)
+    (rule,) = route["spec"]["rules"]  # type: ignore[index]
+    assert rule["backendRefs"] == [{"name": "digits-predictor", "port": 80}]
+    (mirror,) = rule["filters"]
+    assert mirror["type"] == "RequestMirror"
+    assert mirror["requestMirror"] == {"backendRef": {"name": "digits-candidate-predictor", "port": 80}, "percent": 100}
 
 
 # --------------------------------------------------------------------------------------------- conventions
@@ -280,24 +337,27 @@ def test_one_inference_service_name_everywhere(rendered: dict[str, list[Json]]) 
 
 def test_the_image_is_settable_with_kustomize_edit_set_image(tmp_path: Path, rendered: dict[str, list[Json]]) -> None:
     """`kustomize edit set image visionpipe=<ref>@sha256:<d>` rewrites the `images:` entry named visionpipe
-    (newName + digest); emulated on a copy, both the runtime and the shadow replayer then run <ref>@sha256:<d>."""
+    (newName + digest); emulated on a copy, both the runtime and the shadow collector then run <ref>@sha256:<d>."""
     entries = {}
-    for name in ("common", "overlays/shadow"):
+    for name in ("common", "overlays/shadow", "overlays/shadow-standard"):
         data = yaml.safe_load((MANIFESTS / name / "kustomization.yaml").read_text())
         (entry,) = [e for e in data["images"] if e["name"] == "visionpipe"]
         entries[name] = entry
-    assert entries["common"] == entries["overlays/shadow"], "keep the two images: entries equal"
+    assert entries["common"] == entries["overlays/shadow"] == entries["overlays/shadow-standard"], (
+        "keep the three images: entries equal"
+    )
     images = [v for docs in rendered.values() for d in docs for k, v in walk(d) if k == "image"]
     assert images and all(i == f"{entries['common']['newName']}:{entries['common']['newTag']}" for i in images)
 
     tree = tmp_path / "manifests"
     shutil.copytree(MANIFESTS, tree)
     digest = "sha256:" + "ab" * 32
-    for name in ("common", "overlays/shadow"):
+    for name in ("common", "overlays/shadow", "overlays/shadow-standard"):
         path = tree / name / "kustomization.yaml"
         data = yaml.safe_load(path.read_text())
         data["images"] = [{"name": "visionpipe", "newName": "registry.example.com/ml/visionpipe", "digest": digest}]
         path.write_text(yaml.safe_dump(data, sort_keys=False))
     assert KUBECTL is not None
-    pinned = [v for d in render(tree / "overlays" / "shadow", KUBECTL) for k, v in walk(d) if k == "image"]
-    assert len(pinned) == 2 and set(pinned) == {f"registry.example.com/ml/visionpipe@{digest}"}
+    for overlay in ("shadow", "shadow-standard"):  # the runtime and the collector
+        pinned = [v for d in render(tree / "overlays" / overlay, KUBECTL) for k, v in walk(d) if k == "image"]
+        assert len(pinned) == 2 and set(pinned) == {f"registry.example.com/ml/visionpipe@{digest}"}

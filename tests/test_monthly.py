@@ -1,42 +1,68 @@
 """Monthly retrain: month resolution, data + hard examples, warm start from the champion, the champion gate
-(end to end through kfp.local), and the canary patch."""
+(end to end through kfp.local). The canary step: tests/test_canary.py."""
 
 from __future__ import annotations
 
 import datetime as dt
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
-from visionpipe.kfp.local import run_pipeline
+from visionpipe.kfp.local import local_job_times, run_pipeline
 from visionpipe.kfp.monthly import monthly_retrain_pipeline
 from visionpipe.phases.monthly import (
     MonthlyError,
-    canary_patch,
     champion_backbone,
-    deployment_mode,
+    choose_month,
     gather_month,
+    record_month,
     resolve_month,
-    start_canary_patch,
 )
 from visionpipe.serving import bundle as B
 from visionpipe.serving import storage
 from visionpipe.serving.models import build_model, load_pretrained_backbone
 
 MONTH = "2026-10"
+NEXT_MONTH = "2026-11"  # the second month of the two-month run (new data, no hard examples)
+
+
+SCHEDULE = "{{$.pipeline_job_schedule_time_utc}}"  # what KFP < 2.16 leaves in the input (resolve.go)
+CREATE = "{{$.pipeline_job_create_time_utc}}"
+NOW = dt.datetime(2026, 11, 20, 9, 0, tzinfo=dt.UTC)
 
 
 @pytest.mark.parametrize(
-    ("given", "today", "expected"),
-    [("", dt.date(2026, 11, 1), "2026-10"), ("", dt.date(2026, 1, 15), "2025-12"), ("2026-03", None, "2026-03")],
+    ("data_month", "schedule_time", "create_time", "expected", "basis"),
+    [
+        # KFP >= 2.17, recurring run: the slot's time, whatever the creation time (a late catch-up run)
+        ("", "2026-12-01T03:00:00Z", "2027-02-10T08:00:00Z", "2026-11", "schedule_time"),
+        ("", "2026-01-01T03:00:00Z", "2026-01-01T03:00:02Z", "2025-12", "schedule_time"),  # across the year
+        ("", "2026-01-01T00:30:00+01:00", "", "2025-11", "schedule_time"),  # 2025-12-31T23:30Z in UTC
+        ("", "2026-12-01T03:00:00.123456Z", "", "2026-11", "schedule_time"),
+        ("", "2026-12-01T03:00:00", "", "2026-11", "schedule_time"),  # no offset: UTC
+        # an explicit data_month wins over everything
+        ("2026-03", "2026-12-01T03:00:00Z", "2027-02-10T08:00:00Z", "2026-03", "data_month"),
+        # KFP 2.16 fills nothing: the creation time, then the clock
+        ("", "", "2027-02-10T08:00:00Z", "2027-01", "create_time"),
+        ("", "", "", "2026-10", "clock"),
+        # KFP < 2.16 hands the literal placeholders through; zero times count as unset
+        ("", SCHEDULE, CREATE, "2026-10", "clock"),
+        ("", SCHEDULE, "2026-07-01T00:00:05Z", "2026-06", "create_time"),
+        ("", "1970-01-01T00:00:00Z", "2026-07-01T00:00:05Z", "2026-06", "create_time"),
+        ("", "0001-01-01T00:00:00Z", "", "2026-10", "clock"),
+    ],
 )
-def test_resolve_month(given: str, today: dt.date | None, expected: str) -> None:
-    assert resolve_month(given, today) == expected
+def test_choose_month(data_month: str, schedule_time: str, create_time: str, expected: str, basis: str) -> None:
+    choice = choose_month(data_month, schedule_time, create_time, now=NOW)
+    assert (choice.month, choice.basis) == (expected, basis)
+    assert resolve_month(data_month, schedule_time, create_time, now=NOW) == expected
+    if basis in ("schedule_time", "create_time"):
+        assert choice.time.endswith("Z") and choice.time in choice.describe()
 
 
 @pytest.mark.parametrize("bad", ["2026-13", "10-2026", "last month"])
@@ -45,97 +71,13 @@ def test_bad_month_is_refused(bad: str) -> None:
         resolve_month(bad)
 
 
+@pytest.mark.parametrize(("field", "bad"), [("schedule_time", "yesterday"), ("create_time", "2026-13-01T00:00:00Z")])
+def test_a_garbled_run_time_is_refused(field: str, bad: str) -> None:
+    with pytest.raises(MonthlyError, match=rf"{field}='{bad}' is not an RFC 3339 time.*data_month=YYYY-MM"):
+        choose_month("", **{field: bad})
+
+
 CANDIDATE = "s3://visionpipe/bundles/digits/20270105-093000-cd34ef56"
-MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
-
-
-def _manifest(relative: str) -> dict[str, object]:
-    loaded = yaml.safe_load((MANIFESTS / relative).read_text())
-    assert isinstance(loaded, dict)
-    return loaded
-
-
-def test_canary_patch_body() -> None:
-    patch = canary_patch("s3://models/digits/v2", 10)
-    assert patch == {
-        "spec": {"predictor": {"canaryTrafficPercent": 10, "model": {"storageUri": "s3://models/digits/v2"}}}
-    }
-    assert canary_patch("s3://models/digits/v2", 10, "Serverless") == patch  # the legacy name of Knative
-    with pytest.raises(MonthlyError, match=r"1\.\.100"):
-        canary_patch("s3://x", 0)
-    with pytest.raises(MonthlyError, match="ModelMesh"):
-        canary_patch("s3://x", 10, "ModelMesh")
-
-
-@pytest.mark.parametrize(("kserve_mode", "cli_mode"), [("Knative", "serverless"), ("Standard", "standard")])
-def test_canary_patch_equals_the_cli_patch(kserve_mode: str, cli_mode: str) -> None:
-    """The monthly step and `visionpipe canary start` write the same patch for the same mode."""
-    from visionpipe.rollout.canary import start_patch
-
-    assert canary_patch(CANDIDATE, 10, kserve_mode) == start_patch(cli_mode, CANDIDATE, 10)
-    if kserve_mode == "Standard":
-        assert canary_patch(CANDIDATE, 10, "RawDeployment") == start_patch(cli_mode, CANDIDATE, 10)
-
-
-def test_deployment_mode_of_a_live_service() -> None:
-    isvc = _manifest("standard/inference-service.yaml")
-    assert deployment_mode(isvc) == "Standard"
-    assert deployment_mode({**isvc, "status": {"deploymentMode": "Serverless"}}) == "Knative"  # status wins
-    with pytest.raises(MonthlyError, match="deployment mode"):
-        deployment_mode({"metadata": {"name": "digits"}})
-
-
-class FakeCluster:
-    """The CustomObjectsApi calls start_canary_patch makes, against one InferenceService: GET returns it, PATCH
-    applies the RFC 7386 merge patch and admits the result as the API server + KServe would."""
-
-    def __init__(self, live: dict[str, object]) -> None:
-        self.live = live
-        self.calls: list[tuple[str, ...]] = []
-
-    def get_namespaced_custom_object(self, group: str, version: str, ns: str, plural: str, name: str) -> object:
-        self.calls.append(("get", group, version, ns, plural, name))
-        return self.live
-
-    def patch_namespaced_custom_object(
-        self, group: str, version: str, ns: str, plural: str, name: str, body: object
-    ) -> object:
-        from k8s_schema import merge_patch
-        from kserve_rules import admit
-
-        self.calls.append(("patch", group, version, ns, plural, name))
-        new = merge_patch(self.live, body)
-        assert isinstance(new, dict)
-        admission = admit(new, self.live, objects=[_manifest("common/serving-runtime.yaml")])
-        assert admission.ok, admission.result.describe()
-        self.live = admission.obj
-        return self.live
-
-
-@pytest.mark.parametrize("base", ["base", "standard"])
-def test_start_canary_patch_reads_the_mode_and_the_platform_accepts_the_patch(
-    base: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from k8s_schema import PLATFORM
-    from kubernetes import client, config
-
-    if not PLATFORM.is_dir():
-        pytest.skip(f"platform CRDs not found at {PLATFORM}")
-    cluster = FakeCluster(_manifest(f"{base}/inference-service.yaml"))
-    monkeypatch.setattr(config, "load_incluster_config", lambda: None)
-    monkeypatch.setattr(client, "CustomObjectsApi", lambda: cluster)
-    result = start_canary_patch("digits", "kubeflow-user", CANDIDATE, 10)
-    assert [c[0] for c in cluster.calls] == ["get", "patch"]
-    assert cluster.calls[1][1:] == ("serving.kserve.io", "v1beta1", "kubeflow-user", "inferenceservices", "digits")
-    spec = result["spec"]
-    assert isinstance(spec, dict)
-    if base == "standard":
-        (entry,) = spec["canary"]
-        assert entry["predictor"]["model"]["storageUri"] == CANDIDATE and entry["trafficPercent"] == 10
-        assert spec["predictor"]["model"]["storageUri"] != CANDIDATE, "the stable bundle keeps 90 %"
-    else:
-        assert spec["predictor"]["canaryTrafficPercent"] == 10
-        assert spec["predictor"]["model"]["storageUri"] == CANDIDATE
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -146,22 +88,27 @@ def _png(img: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def month_prefix(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A month of new digits (from the champion's Dataset train split) + labelled hard examples, on disk."""
+    """Two months of new digits (from the champion's Dataset train split), the first with labelled hard examples,
+    on disk."""
     from visionpipe.data.datasets import load_dataset
 
     ds = load_dataset(trained / "ds")
     train = ds.split("train", "fit")
     root = tmp_path_factory.mktemp("monthly")
     for k, name in enumerate(ds.classes):
-        idx = np.flatnonzero(train.labels == k)[:14]
+        idx = np.flatnonzero(train.labels == k)[:26]
         for j, i in enumerate(idx[:12]):
             path = root / "data" / MONTH / name / f"{j:03d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(_png(train.images[i]))
-        for j, i in enumerate(idx[12:]):
+        for j, i in enumerate(idx[12:14]):
             hard = root / "hard" / MONTH / "labelled" / name / f"h{j}.png"
             hard.parent.mkdir(parents=True, exist_ok=True)
             hard.write_bytes(_png(train.images[i]))
+        for j, i in enumerate(idx[14:26]):
+            path = root / "data" / NEXT_MONTH / name / f"{j:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(_png(train.images[i]))
     return root
 
 
@@ -170,8 +117,23 @@ def test_gather_month_takes_new_data_and_labelled_hard_examples(month_prefix: Pa
     assert month.month == MONTH
     assert sum(month.new_images.values()) == 120 and sum(month.hard_examples.values()) == 20
     assert len(list((tmp_path / "images").rglob("*.png"))) == 140
-    with pytest.raises(MonthlyError, match="no data for 2026-09"):
-        gather_month(str(month_prefix / "data"), "2026-09", "", tmp_path / "none")
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    (dataset / "dataset.json").write_text(json.dumps({"source": str(tmp_path / "images"), "classes": ["0"]}))
+    record_month(dataset, month)
+    recorded = json.loads((dataset / "dataset.json").read_text())
+    assert recorded["source"] == f"{month_prefix / 'data'}/{MONTH}" and recorded["month"] == MONTH
+    assert recorded["classes"] == ["0"]
+
+
+def test_a_month_without_data_names_the_month_and_the_prefix(month_prefix: Path, tmp_path: Path) -> None:
+    data, hard = str(month_prefix / "data"), str(month_prefix / "hard")
+    with pytest.raises(MonthlyError) as caught:
+        gather_month(data, "", hard, tmp_path / "none", schedule_time="2026-10-01T03:00:00Z")
+    message = str(caught.value)
+    assert "no data for month 2026-09" in message and f"no images under {data}/2026-09" in message
+    assert f"{hard}/2026-09/labelled" in message and "schedule time 2026-10-01T03:00:00Z" in message
+    assert "data_month=YYYY-MM" in message
 
 
 def test_champion_backbone_is_a_warm_start(candidate: Path, tmp_path: Path) -> None:
@@ -190,31 +152,82 @@ def test_champion_backbone_is_a_warm_start(candidate: Path, tmp_path: Path) -> N
 MONTHLY_TINY = {"recipe_overrides_json": json.dumps({"epochs": 1, "preprocess": {"kind": "standard"}}), "bootstrap": 20}
 
 
+def _published(destination: str, cache_dir: Path) -> dict[str, B.Bundle]:
+    """URI (as export's storageUri, trailing /) -> bundle, for every bundle published under `destination`."""
+    roots = [u.rsplit("/", 1)[0] for u in storage.list_uris(destination) if u.endswith("/bundle.json")]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return {root + "/": B.read_bundle(root, cache_dir=cache_dir) for root in roots}
+
+
+def _champion_score(report: str) -> float:
+    """The champion's val_test score in the validation report's champion row."""
+    (row,) = [line for line in report.splitlines() if line.startswith("| champion |")]
+    assert "| pass |" in row, row
+    match = re.search(r"vs champion (\d+\.\d+)", row)
+    assert match, row
+    return float(match.group(1))
+
+
 @pytest.mark.slow
-def test_monthly_pipeline_exports_challenger_with_champion_as_parent(
+def test_two_months_give_two_bundles_the_second_gated_against_the_first(
     month_prefix: Path, candidate: Path, s3_bucket: str, tmp_path: Path
 ) -> None:
-    run = run_pipeline(
-        monthly_retrain_pipeline,
-        {
-            **MONTHLY_TINY,
-            "data_prefix": str(month_prefix / "data"),
-            "hard_examples_prefix": str(month_prefix / "hard"),
-            "data_month": MONTH,
-            "champion_uri": str(candidate),
-            "champion_margin": 1.0,
-            "destination": f"{s3_bucket}/monthly",
-        },
-        tmp_path / "runs",
+    """Month 1 (explicit data_month) is gated against the fixture champion; month 2 resolves its month from the
+    schedule time the backend would fill for the 2026-12-01 slot, warm-starts from month 1's bundle and is gated
+    against it. Two versions, two months in the provenance, no collision at export."""
+    from visionpipe.data.datasets import load_dataset
+    from visionpipe.phases.bundle_validation import split_metrics
+
+    destination = f"{s3_bucket}/monthly"
+    common = {
+        **MONTHLY_TINY,
+        "data_prefix": str(month_prefix / "data"),
+        "hard_examples_prefix": str(month_prefix / "hard"),
+        "champion_margin": 1.0,
+        "destination": destination,
+    }
+    first = run_pipeline(
+        monthly_retrain_pipeline, {**common, "data_month": MONTH, "champion_uri": str(candidate)}, tmp_path / "r1"
     )
-    published = [u for u in storage.list_uris(f"{s3_bucket}/monthly") if u.endswith("/bundle.json")]
-    assert len(published) == 1
-    challenger = B.read_bundle(published[0].rsplit("/", 1)[0], cache_dir=tmp_path)
-    assert run.outputs["bundle_uri"] == published[0].rsplit("/", 1)[0] + "/"  # export's KServe storageUri
-    provenance = challenger.manifest["provenance"]
-    assert isinstance(provenance, dict) and provenance["parent_bundle"] == str(candidate)
-    report = (challenger.root / "reports" / "validation.md").read_text()
-    assert "| champion | pass |" in report
+    (first_uri,) = _published(destination, tmp_path / "c1")
+    assert first.outputs["bundle_uri"] == first_uri  # export's KServe storageUri
+    # the backend fills the schedule time of the 2026-12-01 slot; the creation time (a late catch-up) is ignored
+    with local_job_times(schedule_time="2026-12-01T03:00:00Z", create_time="2027-01-15T10:00:00Z"):
+        second = run_pipeline(monthly_retrain_pipeline, {**common, "champion_uri": first_uri}, tmp_path / "r2")
+    bundles = _published(destination, tmp_path / "c2")
+    assert set(bundles) == {first_uri, second.outputs["bundle_uri"]}, "two months, two bundles"
+    a, b = bundles[first_uri], bundles[str(second.outputs["bundle_uri"])]
+    assert a.version != b.version
+    month = second.outputs["dataset"]
+    assert (month.metadata["month"], month.metadata["month_basis"]) == (NEXT_MONTH, "schedule_time")
+    assert month.metadata["month_time"] == "2026-12-01T03:00:00Z"
+    assert f"## Month {NEXT_MONTH}" in second.artifact_path("data_summary").read_text()
+    for bundle, expected_parent, expected_month in ((a, str(candidate), MONTH), (b, first_uri, NEXT_MONTH)):
+        provenance = bundle.manifest["provenance"]
+        assert isinstance(provenance, dict)
+        assert provenance["parent_bundle"] == expected_parent
+        assert provenance["data_source"] == f"{month_prefix / 'data'}/{expected_month}"
+    # the gate of month 2 scored month 1's bundle on month 2's val_test: recompute that score independently
+    val_test = load_dataset(second.artifact_path("dataset")).split("val_test", "evaluate")
+    champion = B.BundleModel(bundles[first_uri])
+    expected = split_metrics(champion.predict_images(val_test.images), val_test.labels)["accuracy"]
+    assert _champion_score((b.root / "reports" / "validation.md").read_text()) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_month_without_data_fails_the_run_naming_the_prefix(
+    month_prefix: Path, candidate: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    data = str(month_prefix / "data")
+    with local_job_times(schedule_time="2027-03-01T03:00:00Z"), pytest.raises(RuntimeError, match="fetch-month"):
+        run_pipeline(
+            monthly_retrain_pipeline,
+            {**MONTHLY_TINY, "data_prefix": data, "champion_uri": str(candidate), "destination": str(tmp_path / "b")},
+            tmp_path / "runs",
+        )
+    logs = capfd.readouterr()
+    assert f"no data for month 2027-02: no images under {data}/2027-02" in logs.out + logs.err
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow
@@ -238,25 +251,3 @@ def test_monthly_pipeline_refuses_a_challenger_that_loses(
             tmp_path / "runs",
         )
     assert not any("/refused/" in u for u in storage.list_uris(s3_bucket))
-
-
-def test_pipeline_rbac_lets_the_canary_step_patch_inference_services() -> None:
-    import shutil
-    import subprocess
-
-    import yaml
-
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not installed")
-    rendered = subprocess.run(
-        [kubectl, "kustomize", str(Path(__file__).parents[1] / "manifests" / "pipeline-rbac")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    docs = {d["kind"]: d for d in yaml.safe_load_all(rendered)}
-    rule = docs["Role"]["rules"][0]
-    assert rule["apiGroups"] == ["serving.kserve.io"] and "inferenceservices" in rule["resources"]
-    assert {"get", "patch"} <= set(rule["verbs"]), "start_canary_patch reads the service's mode, then patches it"
-    assert docs["RoleBinding"]["roleRef"]["name"] == docs["Role"]["metadata"]["name"]

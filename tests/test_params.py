@@ -234,12 +234,14 @@ def test_data_month_agrees_with_the_phase(month: str) -> None:
     assert _table_accepts("data_month", month, "monthly-retrain") is _accepts(lambda: resolve_month(month))
 
 
-@pytest.mark.parametrize("percent", [0, 1, 50, 100, 101])
-def test_canary_percent_agrees_with_the_phase(percent: int) -> None:
-    from visionpipe.phases.monthly import canary_patch
+@pytest.mark.parametrize("percent", [0, 1, 50, 99, 100, 101])
+def test_canary_percent_agrees_with_the_step_in_every_mode(percent: int) -> None:
+    """The run form accepts exactly the percentages the canary step accepts in both deployment modes (the form
+    cannot know the InferenceService's mode; Knative refuses 100)."""
+    from visionpipe.rollout.canary import MODES, start_patch
 
-    assert _table_accepts("canary_percent", percent, "monthly-retrain") is _accepts(
-        lambda: canary_patch("s3://b/m/1", percent)
+    assert _table_accepts("canary_percent", percent, "monthly-retrain") is all(
+        _accepts(lambda mode=mode: start_patch(mode, "s3://b/m/1", percent)) for mode in MODES
     )
 
 

@@ -366,6 +366,81 @@ def test_training_graph_has_no_branch_copy(compiled: dict[str, Documents]) -> No
     assert backbone == {"outputArtifactKey": "backbone", "producerTask": "domain-pretrain"}
 
 
+# ---------------------------------------------------------------------------------- caching, run-time inputs
+SUB = "comp-decide-and-publish"
+# (pipeline, DAG, task) -> enableCache. False for every task that reads or writes state outside its parameters and
+# artifacts (prefixes, bundles, checkpoint mirror, destination, cluster); True for the pure ones. A new task must be
+# classified here (the test compares the whole set).
+CACHING = {
+    ("training", "root", "check-training-run-form"): True,
+    ("training", "root", "data-fetch"): False,  # source prefix
+    ("training", "root", "resolve-model-spec"): True,
+    ("training", "root", "domain-pretrain"): True,
+    ("training", "root", "supervised-train"): False,  # checkpoint_uri mirror
+    ("training", "root", "decide-and-publish"): False,
+    ("training", SUB, "threshold-sweep"): True,
+    ("training", SUB, "calibrate"): True,
+    ("training", SUB, "bundle-validation"): False,  # champion_uri; version from the clock
+    ("training", SUB, "export"): False,  # writes the destination
+    ("monthly-retrain", "root", "check-monthly-run-form"): True,
+    ("monthly-retrain", "root", "fetch-month"): False,  # the month's images, hard examples
+    ("monthly-retrain", "root", "champion-warm-start"): False,  # the champion bundle
+    ("monthly-retrain", "root", "supervised-train"): False,
+    ("monthly-retrain", "root", "decide-and-publish"): False,
+    ("monthly-retrain", "root", "condition-1"): False,
+    ("monthly-retrain", "comp-condition-1", "canary-rollout"): False,  # patches the live InferenceService
+    ("monthly-retrain", SUB, "threshold-sweep"): True,
+    ("monthly-retrain", SUB, "calibrate"): True,
+    ("monthly-retrain", SUB, "bundle-validation"): False,
+    ("monthly-retrain", SUB, "export"): False,
+}
+# (pipeline, task) -> {input: placeholder} for every task input that KFP fills at run time
+RUNTIME_INPUTS = {
+    ("monthly-retrain", "fetch-month"): {
+        "schedule_time": "{{$.pipeline_job_schedule_time_utc}}",
+        "create_time": "{{$.pipeline_job_create_time_utc}}",
+    },
+}
+
+
+def _dag_tasks(docs: Documents) -> dict[tuple[str, str], dict[str, object]]:
+    """(DAG, task name) -> task spec, for the root DAG and every sub-DAG."""
+    ir = docs[0]
+    components = ir["components"]
+    assert isinstance(components, dict)
+    dags = [("root", ir["root"]), *((n, c) for n, c in components.items() if "dag" in c)]
+    return {(dag, task): spec for dag, body in dags for task, spec in body["dag"]["tasks"].items()}  # type: ignore[index]
+
+
+@pytest.mark.parametrize("source", ["fresh", "checked-in"])
+@pytest.mark.parametrize("name", ["training", "monthly-retrain"])
+def test_caching_options_per_task(compiled: dict[str, Documents], name: str, source: str) -> None:
+    docs = compiled[name] if source == "fresh" else _load(COMPILED_DIR / f"{name}.yaml")
+    tasks = _dag_tasks(docs)
+    expected = {(dag, task): cache for (pipeline, dag, task), cache in CACHING.items() if pipeline == name}
+    assert set(tasks) == set(expected), "a task is missing from CACHING (or gone): classify it"
+    # proto3 leaves a false enableCache out: cachingOptions {} (or no cachingOptions at all) means not cached
+    actual = {key: bool(spec.get("cachingOptions", {}).get("enableCache", False)) for key, spec in tasks.items()}  # type: ignore[union-attr]
+    assert actual == expected
+
+
+@pytest.mark.parametrize("source", ["fresh", "checked-in"])
+@pytest.mark.parametrize("name", ["training", "monthly-retrain"])
+def test_run_time_inputs_come_from_kfp_placeholders(compiled: dict[str, Documents], name: str, source: str) -> None:
+    docs = compiled[name] if source == "fresh" else _load(COMPILED_DIR / f"{name}.yaml")
+    found: dict[tuple[str, str], dict[str, str]] = {}
+    for (_dag, task), spec in _dag_tasks(docs).items():
+        for param, value in spec.get("inputs", {}).get("parameters", {}).items():  # type: ignore[union-attr]
+            constant = value.get("runtimeValue", {}).get("constant")
+            if isinstance(constant, str) and constant.startswith("{{$."):
+                found.setdefault((name, task), {})[param] = constant
+    assert found == {key: inputs for key, inputs in RUNTIME_INPUTS.items() if key[0] == name}
+    if name == "monthly-retrain":  # fetch_month declares them as optional strings (kfp.local / older backends)
+        declared = docs[0]["components"]["comp-fetch-month"]["inputDefinitions"]["parameters"]  # type: ignore[index]
+        for param in ("schedule_time", "create_time"):
+            assert declared[param] == {"defaultValue": "", "isOptional": True, "parameterType": "STRING"}
+
+
 @pytest.mark.parametrize("name", ["training", "monthly-retrain"])
 def test_the_pipeline_output_bundle_uri_is_exports_storage_uri(compiled: dict[str, Documents], name: str) -> None:
     ir = compiled[name][0]

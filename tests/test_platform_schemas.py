@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from k8s_schema import PLATFORM, Issue, evaluate_cel, merge_patch, render, validate
+from k8s_schema import PLATFORM, Issue, evaluate_cel, evaluate_cel_full, merge_patch, render, validate
 from kserve_rules import (
     COMPONENT,
     DEPLOYMENT_MODE,
@@ -121,7 +121,9 @@ def test_the_shipped_objects_pass() -> None:
             id="pruned-unknown-field",
         ),
         pytest.param(
-            lambda o: node(o, "spec").__setitem__("logger", {"mode": "all", "url": "http://visionpipe-shadow/"}),
+            lambda o: node(o, "spec").__setitem__(
+                "logger", {"mode": "all", "url": "http://visionpipe-shadow-collector/"}
+            ),
             "spec.logger",
             "prunes",
             id="logger-misplaced-under-spec",
@@ -278,16 +280,24 @@ def test_gateway_api_schema_and_its_simple_cel_rules() -> None:
     assert paths(no_port) == ["spec.rules[0].backendRefs[0]"] and "x-kubernetes-validations" in no_port[0].message
 
 
-def test_cel_rules_outside_the_subset_are_reported_not_guessed() -> None:
+def test_cel_rules_outside_the_subset_are_run_by_a_cel_interpreter_or_reported() -> None:
     assert evaluate_cel("self == oldSelf", "a", "b") is False
     assert evaluate_cel("self == oldSelf", "a") is True  # a create: transition rules do not apply
     assert evaluate_cel("self >= 1", 0) is False
-    assert evaluate_cel("duration(self) >= duration('1ms')", "5s") is None
+    assert evaluate_cel("duration(self) >= duration('1ms')", "5s") is None  # not one of the simple shapes...
+    assert evaluate_cel_full("duration(self) >= duration('1ms')", "5s") is True  # ...so cel-python runs it
+    assert (
+        evaluate_cel_full("self.all(x, x > 1)", [2, 3]) is True
+        and evaluate_cel_full("self.all(x, x > 1)", [1]) is False
+    )
+    assert evaluate_cel_full("isURL(self)", "https://a") is None  # Kubernetes' own CEL library: not evaluated
     route = httproute(10)
     node(route, "spec.rules.0")["timeouts"] = {"request": "10s"}
     result = validate(route)
-    assert result.ok
-    assert any("duration" in issue.message for issue in result.unevaluated)
+    assert result.ok and result.unevaluated == [], result.describe()
+    node(route, "spec.rules.0")["timeouts"]["backendRequest"] = "20s"  # longer than the whole request: refused
+    refused = validate(route).errors
+    assert paths(refused) == ["spec.rules[0].timeouts"] and "x-kubernetes-validations" in refused[0].message
 
 
 def test_core_kinds_go_through_the_kubernetes_models() -> None:

@@ -9,6 +9,11 @@ The bundle that bundle_validation assembles, checks and signs (threshold_at_half
 publishes, unchanged: "served = validated" (DESIGN.md). The sub-graph returns export's storage URI as
 `bundle_uri`, which the pipelines return as their own output.
 
+Caching: threshold_sweep and calibration are pure (parameters + this run's logits) and keep KFP's default.
+bundle_validation is never cached: it reads the champion bundle at champion_uri (outside state), and it stamps the
+bundle version from the clock and signs it; a cached copy would hand an earlier run's version to export, which then
+refuses it ("versions are immutable") or republishes it. export writes the destination and is never cached either.
+
 kfp.local (2.17.3) runs a nested pipeline only when it has at least one parameter input: the artifact inputs are
 resolved inside ``if task_spec.inputs.parameters`` (kfp/local/orchestrator/task_spec_utils.py,
 `build_nested_dag_arguments`); this one has many.
@@ -124,6 +129,7 @@ def decide_and_publish(
         champion_margin=champion_margin,
         threshold_at_half=threshold_at_half,
     ).set_display_name("bundle_validation")
+    validation.set_caching_options(False)
     published = export(bundle=validation.outputs["bundle"], destination=destination)
     published.set_display_name("export").set_caching_options(False)
     for task in (validation, published):  # champion_uri / destination may be s3://; both sign or verify bundles

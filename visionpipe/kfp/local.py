@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kfp import local
 
+from visionpipe.kfp.platform import CREATE_TIME, SCHEDULE_TIME
 from visionpipe.kfp.progress import TaskProgress, TaskRecord
 from visionpipe.specs.params import ParameterError as ParameterError  # re-exported for parse_parameters' callers
 from visionpipe.specs.params import Value, kinds, parse_assignments
@@ -76,6 +77,7 @@ def run_pipeline(
     guard_descendants()  # task processes die with this one, even on SIGKILL (visionpipe/kfp/reaper.py)
     runs_dir = runs_dir.resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
+    install_local_job_times()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs_dir), raise_on_error=True)
     started = time.monotonic()
     log_path: Path | None = None
@@ -103,3 +105,56 @@ def _captured(progress: TaskProgress | None) -> Iterator[None]:
         return
     with contextlib.redirect_stdout(progress), contextlib.redirect_stderr(progress):
         yield
+
+
+# ------------------------------------------------------------------------------- run-time placeholders
+_local_times: dict[str, str] = {}  # placeholder -> value that kfp.local substitutes (local_job_times)
+
+
+def install_local_job_times() -> None:
+    """Teach kfp.local (2.17.3) the two time placeholders; idempotent.
+
+    kfp.local resolves every string input of a task with `resolve_individual_placeholder`
+    (kfp/local/placeholder_utils.py, called from `resolve_self_references_in_executor_input`). Its table of constant
+    placeholders lacks these two, so they fall through to `resolve_io_placeholders`, which splits
+    ``pipeline_job_schedule_time_utc`` into one part and `convert_placeholder_parts_to_path` fails on ``parts[1]``
+    with an IndexError: without this, no local run of a pipeline that takes them starts a single task. The wrapper
+    substitutes them first, as the 2.17 driver does for a manual run: the create time is the current UTC time and
+    the schedule time equals the create time, unless `local_job_times` sets either (a test then plays the backend
+    filling a recurring run's slot)."""
+    from kfp.local import placeholder_utils
+
+    original = placeholder_utils.resolve_individual_placeholder
+    if getattr(original, "_visionpipe_job_times", False):
+        return
+
+    def resolve(element: str, *args: object, **kwargs: object) -> str:
+        if SCHEDULE_TIME in element or CREATE_TIME in element:
+            import datetime as dt
+
+            now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            create = _local_times.get(CREATE_TIME, now)
+            element = element.replace(CREATE_TIME, create).replace(
+                SCHEDULE_TIME, _local_times.get(SCHEDULE_TIME, create)
+            )
+        resolved: str = original(element, *args, **kwargs)  # kfp.local's own arguments, passed on
+        return resolved
+
+    resolve._visionpipe_job_times = True  # type: ignore[attr-defined]  # marks the wrapper (idempotence)
+    placeholder_utils.resolve_individual_placeholder = resolve
+
+
+@contextlib.contextmanager
+def local_job_times(schedule_time: str | None = None, create_time: str | None = None) -> Iterator[None]:
+    """Within the block, kfp.local runs see these values for the schedule / create time placeholders (None: the
+    defaults of `install_local_job_times`), as if the KFP backend had filled them."""
+    install_local_job_times()
+    saved = dict(_local_times)
+    for placeholder, value in ((SCHEDULE_TIME, schedule_time), (CREATE_TIME, create_time)):
+        if value is not None:
+            _local_times[placeholder] = value
+    try:
+        yield
+    finally:
+        _local_times.clear()
+        _local_times.update(saved)

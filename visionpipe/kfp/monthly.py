@@ -1,7 +1,17 @@
 """The monthly retrain pipeline: the new month's data + labelled hard examples, warm-started from the champion,
 gated against the champion on a common val_test, exported as a new version, optionally canaried on KServe.
 
-Scheduled as a recurring run (`visionpipe schedule --cron "0 0 3 1 * *"`, 6-field cron, seconds first).
+Scheduled as a recurring run (`visionpipe schedule --cron "0 0 3 1 * *"`, 6-field cron, seconds first). Each run
+works on its own month: fetch_month takes the run's schedule and creation times from KFP's placeholders and, unless
+`data_month` is set, retrains on the month before the schedule time (visionpipe.phases.monthly.choose_month).
+
+Caching (KFP v2 keys a task by its input parameter values, its input artifacts' MLMD ids, its outputs' spec, image
+and command, per pipeline name and namespace: kubeflow/pipelines backend/src/v2/cacheutils/cache.go
+`GenerateCacheKey`, backend/src/v2/driver/cache.go `getFingerPrintsAndID`): every task that reads or writes
+anything besides its own parameters and artifacts (a prefix, a bundle, a checkpoint mirror, the destination, the
+cluster) is never served from cache, since that outside state changes under the same parameters. The pure tasks
+(check_run_form, threshold_sweep, calibration) keep KFP's default; they can only hit the cache on the very
+artifacts an uncached task produced in this run, i.e. never across runs. tests/test_pipelines.py checks the table.
 """
 
 from typing import NamedTuple
@@ -9,11 +19,17 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Markdown
 
+from visionpipe.kfp.components.canary import canary_rollout
 from visionpipe.kfp.components.check_run_form import check_monthly_run_form
-from visionpipe.kfp.components.monthly import champion_warm_start, fetch_month, start_canary
+from visionpipe.kfp.components.monthly import champion_warm_start, fetch_month
 from visionpipe.kfp.components.supervised_train import supervised_train
 from visionpipe.kfp.decision import decide_and_publish
-from visionpipe.kfp.platform import training_resources, use_s3_secret
+from visionpipe.kfp.platform import (
+    CREATE_TIME,
+    SCHEDULE_TIME,
+    training_resources,
+    use_s3_secret,
+)
 from visionpipe.kfp.run_form import run_form_doc
 
 PIPELINE_NAME = "visionpipe-monthly-retrain"
@@ -99,11 +115,16 @@ def monthly_retrain_pipeline(
         seed=seed,
         positive_class=positive_class,
         image_size=image_size,
+        schedule_time=SCHEDULE_TIME,  # the recurring run's slot (KFP >= 2.17; see platform.py)
+        create_time=CREATE_TIME,  # one-off runs
     ).set_display_name("fetch_month")
     warm = champion_warm_start(champion_uri=champion_uri).set_display_name("champion_warm_start")
     for task in (month, warm):  # nothing runs on a run form that check_run_form refused
         task.after(check)
         use_s3_secret(task)  # data_prefix, hard_examples_prefix and champion_uri may be s3://
+        # Never cached: the month's images and hard examples under the prefixes, and the bundle at champion_uri,
+        # change without any parameter changing (and on KFP < 2.16 the time inputs stay literal placeholders).
+        task.set_caching_options(False)
     train = supervised_train(
         dataset=month.outputs["dataset"],
         recipe=recipe,
@@ -112,6 +133,7 @@ def monthly_retrain_pipeline(
         checkpoint_uri=checkpoint_uri,
     ).set_display_name("supervised_train")
     training_resources(train)
+    train.set_caching_options(False)  # resumes from the checkpoint mirror under checkpoint_uri: outside state
     decision = decide_and_publish(
         dataset=month.outputs["dataset"],
         model=train.outputs["model"],
@@ -138,13 +160,15 @@ def monthly_retrain_pipeline(
         threshold_at_half=False,
         destination=destination,
     ).set_display_name("decide_and_publish")
+    decision.set_caching_options(False)  # the sub-DAG; its own tasks carry their settings (decision.py)
     with dsl.If(start_canary_enabled == True, name="canary"):  # noqa: E712 (KFP condition syntax)
-        start_canary(
+        canary_rollout(  # the same code path as `visionpipe canary start` (visionpipe/rollout/canary.py)
+            action="start",
             bundle_uri=decision.outputs["bundle_uri"],
             isvc_name=isvc_name,
             namespace=namespace,
             canary_percent=canary_percent,
-        ).set_display_name("start_canary")
+        ).set_display_name("start_canary").set_caching_options(False)  # patches the live InferenceService
     return MonthlyOutputs(
         dataset=month.outputs["dataset"],
         data_summary=month.outputs["summary"],

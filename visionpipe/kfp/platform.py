@@ -75,3 +75,13 @@ def training_resources(task: "PipelineTask") -> None:
     task.set_cpu_request("2").set_memory_request("4G").set_memory_limit("16G")
     task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
     use_s3_secret(task)
+
+
+# ------------------------------------------------------------------------------- run-time placeholders
+# The run's scheduled / creation time, passed as task inputs (runtime-value constants in the IR). The KFP driver
+# substitutes them only when a task input *is* one of these strings (kubeflow/pipelines backend/src/v2/driver/
+# resolve.go, `resolveInputParameter`): 2.17+ with RFC 3339 UTC times (schedule time from the Workflow's
+# workflowEpoch label, else the create time: backend/src/v2/cmd/driver/main.go), 2.16 with "", older releases not
+# at all (the literal passes through). visionpipe.phases.monthly.run_time reads all three.
+SCHEDULE_TIME = dsl.PIPELINE_JOB_SCHEDULE_TIME_UTC_PLACEHOLDER
+CREATE_TIME = dsl.PIPELINE_JOB_CREATE_TIME_UTC_PLACEHOLDER

@@ -150,8 +150,9 @@ MONTHLY: dict[str, str] = {
         "challenger must not be worse than it by more than champion_margin on the new val_test. Required."
     ),
     "data_month": (
-        "Month to train on, as YYYY-MM (e.g. 2026-10); empty = the previous calendar month (UTC),\n"
-        "resolved when the run starts."
+        "Month to train on, as YYYY-MM (e.g. 2026-10). Empty = the month before the run's scheduled\n"
+        "time (a recurring run on 2026-11-01 trains on 2026-10), else before its creation time (one-off\n"
+        "runs), in UTC; fetch_month reports the month and how it was chosen."
     ),
     "hard_examples_prefix": (
         "Where serving logs hard examples (VISIONPIPE_HARD_EXAMPLES); the labelled ones of\n"
@@ -192,7 +193,10 @@ MONTHLY: dict[str, str] = {
         "start_canary_enabled is true."
     ),
     "namespace": "Kubernetes namespace of that InferenceService (the Kubeflow profile namespace).",
-    "canary_percent": "Share of the traffic, in percent (1..100), sent to the new bundle when the canary\nstarts.",
+    "canary_percent": (
+        "Share of the traffic, in percent (1..99), sent to the new bundle when the canary\nstarts "
+        "(`visionpipe canary promote` then gives it all)."
+    ),
 }
 
 PIPELINES: Mapping[str, Mapping[str, str]] = {"training": TRAINING, "monthly-retrain": MONTHLY}

@@ -4,6 +4,12 @@ Every parameter below appears in the UI's run form with its default and the desc
 function's Google-style ``Args:`` section: KFP parses the docstring with `docstring_parser` and copies each entry to
 ``root.inputDefinitions.parameters.<name>.description`` (``extract_component_interface`` in
 kfp/dsl/component_factory.py). Locally, `visionpipe run` / `make demo` run the same graph with kfp.local.
+
+Caching follows the rule of visionpipe/kfp/monthly.py: data_fetch (reads `source`, a folder or s3:// prefix whose
+contents change under the same URI), supervised_train (checkpoint mirror under checkpoint_uri) and, in the decision
+sub-graph, bundle_validation and export are never served from cache; check_run_form, resolve_model_spec,
+domain_pretrain, threshold_sweep and calibration are pure functions of their parameters and input artifacts and
+keep KFP's default.
 """
 
 from typing import NamedTuple
@@ -120,10 +126,12 @@ def training_pipeline(
     ).set_display_name("data_fetch")
     fetch.after(check)  # nothing runs on a run form that check_run_form refused
     use_s3_secret(fetch)
+    fetch.set_caching_options(False)  # the images under `source` change without the parameter changing
     dataset = fetch.outputs["dataset"]
     spec = resolve_model_spec(
         dataset=dataset, recipe=recipe, recipe_overrides_json=recipe_overrides_json
     ).set_display_name("resolve_model_spec")
+    # resolve_model_spec and domain_pretrain: cached by default (pure; their input artifact is this run's Dataset).
     # domain_pretrain always runs: with enabled=False it only writes a pass-through backbone, which
     # supervised_train treats as no backbone (kfp.local 2.17.3 cannot resolve an artifact dsl.OneOf of two
     # branches: kfp/local/orchestrator/orchestrator_utils.py `get_dag_output_artifacts`).
@@ -145,6 +153,7 @@ def training_pipeline(
         checkpoint_uri=checkpoint_uri,
     ).set_display_name("supervised_train")
     training_resources(train)
+    train.set_caching_options(False)  # resumes from the checkpoint mirror under checkpoint_uri: outside state
     decision = decide_and_publish(
         dataset=dataset,
         model=train.outputs["model"],
@@ -171,6 +180,7 @@ def training_pipeline(
         threshold_at_half=threshold_at_half,
         destination=destination,
     ).set_display_name("decide_and_publish")
+    decision.set_caching_options(False)  # the sub-DAG; its own tasks carry their settings (decision.py)
     return TrainingOutputs(
         dataset=dataset, data_summary=fetch.outputs["summary"], bundle_uri=decision.outputs["bundle_uri"]
     )

@@ -5,6 +5,10 @@ through `visionpipe.serving.bundle.write_bundle`, then checked:
 
   bundle_verifies   reload through `visionpipe.serving.bundle.read_bundle`: schema, fields, checksums, preprocessing
                     signature, calibrator and policy consistency
+  drift_reference   the reloaded bundle's answers on val_test (calibrated confidence, score, decisions) and the
+                    val_test images' statistics and embedding are stored as `drift_reference.json`
+                    (visionpipe/monitoring/drift.py); the bundle is re-signed listing it (`reseal_bundle`) and must
+                    verify again, so the reference is covered by the signature like every other file
   split_contract    val_test shares no image with train / val_select / val_calib, and the model was trained and
                     selected on this Dataset's train / val_select splits (fingerprints)
   parity            the reloaded bundle, fed val_test (and val_calib) images through serving's preprocessing,
@@ -44,6 +48,7 @@ from visionpipe.serving.bundle import (
     BundleModel,
     Prediction,
     read_bundle,
+    reseal_bundle,
     write_bundle,
 )
 from visionpipe.serving.policies import ABSTAIN
@@ -151,6 +156,8 @@ def run(
     result = ValidationResult(bundle_dir=out_dir, metrics=reported)
     bundle_check, runtime = _check_bundle_verifies(out_dir)
     result.checks.append(bundle_check)
+    if runtime is not None:
+        result.checks.append(attach_drift_reference(out_dir, runtime, dataset))
     result.checks.append(check_split_contract(dataset, model_info))
     if runtime is not None:
         result.checks.extend(check_parity(runtime, dataset, logits, reported))
@@ -265,6 +272,46 @@ def _check_bundle_verifies(out_dir: Path) -> tuple[Check, BundleModel | None]:
         return Check("bundle_verifies", False, f"[{exc.reason}] {exc}"), None
     detail = f"schema, fields, {len(_as_dict(bundle.manifest['files']))} checksums, signature, policy"
     return Check("bundle_verifies", True, detail), runtime
+
+
+def attach_drift_reference(out_dir: Path, runtime: BundleModel, dataset: LoadedDataset, seed: int = 0) -> Check:
+    """Build the drift reference from val_test with the reloaded (served) bundle, add it to the bundle (re-signed)
+    and verify the bundle again."""
+    from visionpipe.monitoring.drift import MAX_REFERENCE, REFERENCE_FILE, DriftError, build_reference
+
+    data = dataset.split("val_test", "evaluate")
+    images = data.images
+    if len(images) > MAX_REFERENCE:  # the same seeded subsample build_reference would take, predicted only once
+        keep = np.sort(np.random.default_rng(seed).choice(len(images), size=MAX_REFERENCE, replace=False))
+        images = images[keep]
+    try:
+        served = runtime.predict_images(images)
+        bundle = runtime.bundle
+        reference = build_reference(
+            images,
+            served.calibrated_probs,
+            served.decisions.labels,
+            classes=bundle.classes,
+            positive_class=bundle.positive_class,
+            preprocessing=bundle.preprocess,
+            bundle_version=bundle.version,
+            source="val_test",
+            seed=seed,
+        )
+        text = reference.to_json()
+        (out_dir / REFERENCE_FILE).write_text(text, encoding="utf-8")
+        reseal_bundle(out_dir, add=[REFERENCE_FILE])
+        reread = read_bundle(out_dir)
+    except (DriftError, BundleError) as exc:
+        (out_dir / REFERENCE_FILE).unlink(missing_ok=True)
+        return Check("drift_reference", False, f"{type(exc).__name__}: {exc}")
+    if reread.drift_reference is None:
+        return Check("drift_reference", False, f"{REFERENCE_FILE} is not listed in the re-signed bundle.json")
+    return Check(
+        "drift_reference",
+        True,
+        f"{reference.size} val_test images, {len(text.encode()):,} bytes, listed and signed; bundle verifies",
+    )
 
 
 def check_split_contract(dataset: LoadedDataset, model_info: dict[str, object]) -> Check:

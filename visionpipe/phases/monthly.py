@@ -6,20 +6,55 @@ Data layout (documented in docs/monthly.md):
     <data_prefix>/<YYYY-MM>/<class>/<image>                  the month's new labelled images
     <hard_examples_prefix>/<YYYY-MM>/labelled/<class>/<image> hard examples logged by serving, once labelled
 
-An empty `data_month` is resolved inside the component (KFP's schedule-time placeholders crash kfp.local) to
-the previous calendar month in UTC: a run scheduled on the 1st retrains on the month that just ended.
+Which month a run works on (`choose_month`), first match wins:
+
+1. `data_month` when set (YYYY-MM);
+2. else the calendar month *before* the run's scheduled time (KFP's `{{$.pipeline_job_schedule_time_utc}}`): a
+   recurring run scheduled on the 1st retrains on the month that just ended, and a catch-up run started late for
+   an old slot still gets that slot's month;
+3. else the month before the run's creation time (`{{$.pipeline_job_create_time_utc}}`, one-off runs);
+4. else the month before this step's own clock (UTC).
+
+A run time counts as absent when it is empty (KFP 2.16 declares the fields but never fills them), when it is still
+the literal placeholder (KFP < 2.16 hands an unknown runtime-value constant through unchanged: kubeflow/pipelines
+backend/src/v2/driver/resolve.go, `resolveInputParameter`, `default: v = val`), or when it is the zero time
+(1970-01-01T00:00:00Z or Go's 0001-01-01T00:00:00Z). KFP >= 2.17 fills the schedule time from the Workflow's
+`pipelines.kubeflow.org/workflowEpoch` label (set by the ScheduledWorkflow controller) and falls back to the create
+time for manual runs (backend/src/v2/cmd/driver/main.go, `resolvePipelineJobScheduleTimeUTCFromWorkflow`), both
+RFC 3339 in UTC. Any other value that is not an RFC 3339 time is refused.
 """
 
 import datetime as dt
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-ISVC_GROUP, ISVC_VERSION, ISVC_PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+# How the month was chosen (MonthChoice.basis), in the order they are tried.
+BASES = ("data_month", "schedule_time", "create_time", "clock")
+_BASIS_TEXT = {
+    "data_month": "data_month={time!r}",
+    "schedule_time": "the month before the run's schedule time {time}",
+    "create_time": "the month before the run's creation time {time} (no schedule time: a one-off run)",
+    "clock": "the month before this step's clock, {time} (the run has no schedule or creation time)",
+}
+_ZERO_YEARS = (1, 1970)  # Go's zero time.Time, and the Unix epoch of an unset timestamp
 
 
 class MonthlyError(ValueError):
     """The month's inputs are missing or malformed; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class MonthChoice:
+    """The month a run works on and where it came from (`basis`: one of BASES; `time`: the value it came from)."""
+
+    month: str
+    basis: str
+    time: str
+
+    def describe(self) -> str:
+        return _BASIS_TEXT[self.basis].format(time=self.time)
 
 
 @dataclass(frozen=True)
@@ -28,34 +63,84 @@ class MonthData:
     folder: Path
     new_images: dict[str, int]
     hard_examples: dict[str, int]
+    source: str = ""  # <data_prefix>/<month>
+    choice: MonthChoice | None = None
 
 
-def resolve_month(data_month: str, today: dt.date | None = None) -> str:
-    """`YYYY-MM` as given, or the previous calendar month (UTC) when empty."""
+def run_time(value: str, name: str) -> dt.datetime | None:
+    """A KFP run time (`schedule_time` / `create_time` input) as an aware UTC datetime, or None when absent:
+    empty, the unresolved literal placeholder, or the zero time (see the module docstring)."""
+    text = value.strip()
+    if not text or (text.startswith("{{$.") and text.endswith("}}")):
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError as exc:
+        raise MonthlyError(
+            f"{name}={value!r} is not an RFC 3339 time such as 2026-11-01T03:00:00Z (KFP fills it from "
+            "{{$.pipeline_job_" + name.removesuffix("_time") + "_time_utc}}); set data_month=YYYY-MM to bypass it"
+        ) from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)  # KFP's times are UTC
+    parsed = parsed.astimezone(dt.UTC)
+    if parsed.year in _ZERO_YEARS and parsed.month == 1 and parsed.day == 1 and parsed.time() == dt.time(0):
+        return None
+    return parsed
+
+
+def previous_month(moment: dt.datetime | dt.date) -> str:
+    """`YYYY-MM` of the calendar month before the one `moment` (UTC) falls in."""
+    first = (moment.date() if isinstance(moment, dt.datetime) else moment).replace(day=1)
+    return (first - dt.timedelta(days=1)).strftime("%Y-%m")
+
+
+def choose_month(
+    data_month: str, schedule_time: str = "", create_time: str = "", now: dt.datetime | None = None
+) -> MonthChoice:
+    """The month a run works on (the rule in the module docstring)."""
     if data_month:
         try:
             dt.datetime.strptime(data_month, "%Y-%m")
         except ValueError as exc:
             raise MonthlyError(f"data_month={data_month!r} must look like 2026-10 (or be empty)") from exc
-        return data_month
-    first = (today or dt.datetime.now(dt.UTC).date()).replace(day=1)
-    return (first - dt.timedelta(days=1)).strftime("%Y-%m")
+        return MonthChoice(data_month, "data_month", data_month)
+    for basis, value in (("schedule_time", schedule_time), ("create_time", create_time)):
+        moment = run_time(value, basis)
+        if moment is not None:
+            return MonthChoice(previous_month(moment), basis, moment.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    clock = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    return MonthChoice(previous_month(clock), "clock", clock.strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
-def gather_month(data_prefix: str, data_month: str, hard_examples_prefix: str, out: Path) -> MonthData:
+def resolve_month(
+    data_month: str, schedule_time: str = "", create_time: str = "", now: dt.datetime | None = None
+) -> str:
+    """`YYYY-MM` as given, else the month before the run's schedule / creation time / the clock (UTC)."""
+    return choose_month(data_month, schedule_time, create_time, now).month
+
+
+def gather_month(
+    data_prefix: str,
+    data_month: str,
+    hard_examples_prefix: str,
+    out: Path,
+    schedule_time: str = "",
+    create_time: str = "",
+) -> MonthData:
     """Copy the month's images and its labelled hard examples into one `<class>/<file>` folder."""
     from visionpipe.data.hard_examples import collect_labelled
     from visionpipe.phases.data_fetch import class_files
     from visionpipe.serving import storage
 
-    month = resolve_month(data_month)
+    choice = choose_month(data_month, schedule_time, create_time)
+    month = choice.month
     source = storage.join(data_prefix, month)
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
     try:
         uris = storage.list_uris(source)
-    except storage.ObjectNotFound as exc:
-        raise MonthlyError(f"no data for {month}: {source} is empty or missing") from exc
+    except storage.ObjectNotFound:
+        uris = []  # a local prefix without the month's folder; S3 lists an empty prefix as []
     for class_name, rel, uri in class_files(source, lambda _prefix: uris):
         dest = out / class_name / f"{month}-{Path(rel).name}"
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -72,8 +157,31 @@ def gather_month(data_prefix: str, data_month: str, hard_examples_prefix: str, o
                 shutil.move(str(path), dest)
         shutil.rmtree(staging, ignore_errors=True)
     if not counts and not hard:
-        raise MonthlyError(f"no images for {month} under {source} nor labelled hard examples")
-    return MonthData(month, out, counts, hard)
+        hard_text = (
+            f" and no labelled hard examples under {storage.join(hard_examples_prefix, month, 'labelled')}"
+            if hard_examples_prefix
+            else ""
+        )
+        raise MonthlyError(
+            f"no data for month {month}: no images under {source} (expected {source}/<class>/<image>){hard_text}. "
+            f"The month is {choice.describe()}; upload the month's images there, or set data_month=YYYY-MM to "
+            "retrain on another month"
+        )
+    return MonthData(month, out, counts, hard, source, choice)
+
+
+def record_month(dataset_dir: Path, month: MonthData) -> None:
+    """Write the month into the Dataset's dataset.json: `source` becomes `<data_prefix>/<month>` (not the staging
+    folder), plus `month` and `month_basis`. bundle_validation copies `source` into the bundle's
+    `provenance.data_source`, so every bundle names the month it was trained on."""
+    from visionpipe.data.datasets import write_json
+
+    path = dataset_dir / "dataset.json"
+    meta = json.loads(path.read_text())
+    meta["source"] = month.source
+    meta["month"] = month.month
+    meta["month_basis"] = month.choice.describe() if month.choice else ""
+    write_json(path, meta)
 
 
 def champion_backbone(champion_uri: str, out_dir: Path) -> dict[str, object]:
@@ -88,64 +196,3 @@ def champion_backbone(champion_uri: str, out_dir: Path) -> dict[str, object]:
     info: dict[str, object] = {"parent_bundle": champion_uri, "parent_version": bundle.version}
     save_backbone(model, out_dir, extra=info)
     return info
-
-
-# The canary step speaks both KServe canary mechanisms (docs/rollout.md): Knative mode (manifests/base) takes the
-# predictor's canaryTrafficPercent; Standard mode (manifests/standard) takes a spec.canary entry, because only the
-# Knative reconciler reads canaryTrafficPercent (kserve pkg/controller/v1beta1/inferenceservice/reconcilers/knative/
-# ksvc_reconciler.go) and in Standard mode the new storageUri would take all the traffic at once. The same
-# patches as `visionpipe canary start` (visionpipe/rollout/canary.py; a test keeps them equal).
-DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
-LEGACY_MODES = {"Serverless": "Knative", "RawDeployment": "Standard"}  # kserve pkg/constants ParseDeploymentMode
-CANARY_PREDICTOR = "canary"  # spec.canary[].predictor.name: Deployment / Service <isvc>-canary-predictor
-CANARY_CONTAINER = "kserve-container"  # the CRD requires spec.canary[].predictor.model.name: the runtime container
-MODEL_FORMAT = {"name": "visionpipe", "version": "1"}  # manifests/common/serving-runtime.yaml supportedModelFormats
-
-
-def deployment_mode(isvc: dict[str, object]) -> str:
-    """`Knative` or `Standard`: the mode a live InferenceService runs in (`status.deploymentMode`, recorded by the
-    controller, else its `serving.kserve.io/deploymentMode` annotation; legacy names folded)."""
-    status = isvc.get("status")
-    metadata = isvc.get("metadata")
-    annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
-    recorded = status.get("deploymentMode") if isinstance(status, dict) else None
-    annotated = annotations.get(DEPLOYMENT_MODE_ANNOTATION) if isinstance(annotations, dict) else None
-    mode = recorded or annotated
-    if not isinstance(mode, str) or not mode:
-        raise MonthlyError(
-            "cannot tell the InferenceService's deployment mode: no status.deploymentMode and no "
-            f"{DEPLOYMENT_MODE_ANNOTATION} annotation (set the annotation, as manifests/ do)"
-        )
-    return LEGACY_MODES.get(mode, mode)
-
-
-def canary_patch(storage_uri: str, percent: int, mode: str = "Knative") -> dict[str, object]:
-    """The merge patch that starts a canary of the bundle `storage_uri` at `percent`% for an InferenceService in
-    deployment `mode` (Knative / Serverless: canaryTrafficPercent; Standard / RawDeployment: spec.canary)."""
-    if not 0 < percent <= 100:
-        raise MonthlyError(f"canary_percent={percent} must be in 1..100")
-    mode = LEGACY_MODES.get(mode, mode)
-    if mode == "Knative":
-        return {"spec": {"predictor": {"canaryTrafficPercent": percent, "model": {"storageUri": storage_uri}}}}
-    if mode == "Standard":
-        model = {"name": CANARY_CONTAINER, "modelFormat": dict(MODEL_FORMAT), "storageUri": storage_uri}
-        return {
-            "spec": {"canary": [{"trafficPercent": percent, "predictor": {"name": CANARY_PREDICTOR, "model": model}}]}
-        }
-    raise MonthlyError(f"deployment mode {mode!r} has no canary: use Knative (Serverless) or Standard")
-
-
-def start_canary_patch(name: str, namespace: str, storage_uri: str, percent: int) -> dict[str, object]:
-    """Patch InferenceService `name` through the Kubernetes API (in-cluster service account, see RBAC): read it to
-    learn its deployment mode, then send the matching canary patch. The client sends a dict body to a custom
-    object as `application/merge-patch+json` (kubernetes/client/api/custom_objects_api.py), RFC 7386."""
-    from kubernetes import client, config
-
-    config.load_incluster_config()
-    api = client.CustomObjectsApi()
-    live: dict[str, object] = api.get_namespaced_custom_object(ISVC_GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name)
-    patch = canary_patch(storage_uri, percent, deployment_mode(live))
-    result: dict[str, object] = api.patch_namespaced_custom_object(
-        ISVC_GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name, patch
-    )
-    return result

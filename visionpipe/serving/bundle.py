@@ -6,6 +6,8 @@ Layout of a bundle folder (local, ``s3://bucket/name/version/``, or KServe's ``/
     bundle.sig               Ed25519 signature of bundle.json (visionpipe/serving/signing.py), written just before it
     model_card.json          name, description, version, submission time, optional submitter
     weights/member-0.safetensors [, member-1 ...]   one file per ensemble member (never pickle)
+    drift_reference.json     what the served bundle saw on val_test, for drift monitoring (visionpipe/monitoring/
+                             drift.py); listed and hashed like every other file, so it verifies with the bundle
     reports/...              optional human-readable reports (validation, plots)
 
 `bundle.json` holds the schema version, name, version, creation time, the task (classes, positive class,
@@ -78,6 +80,7 @@ SUPPORTED_SCHEMAS = (1,)
 BUNDLE_FILE = "bundle.json"
 SIGNATURE_FILE = signing.SIGNATURE_FILE
 MODEL_CARD_FILE = "model_card.json"
+DRIFT_REFERENCE_FILE = "drift_reference.json"  # = visionpipe.monitoring.drift.REFERENCE_FILE (a test keeps them equal)
 # Folders whose files may be absent from `files`: human-readable reports, never opened by any loader. Every
 # other unlisted file is refused.
 UNLISTED_ANNEX: tuple[str, ...] = ("reports/",)
@@ -300,6 +303,12 @@ class Bundle:
     @property
     def signature(self) -> str:
         return self.preprocess.signature
+
+    @property
+    def drift_reference(self) -> Path | None:
+        """The verified drift reference file (listed in `files`, checksum checked), or None for a bundle without."""
+        files = self.manifest.get("files")
+        return self.root / DRIFT_REFERENCE_FILE if isinstance(files, dict) and DRIFT_REFERENCE_FILE in files else None
 
     def load_models(self) -> list[VisionClassifier]:
         """Every member's model in eval mode, through the checked loading (`load_member`)."""

@@ -51,6 +51,7 @@ from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, In
 from PIL import Image, ImageOps
 
 from visionpipe.serving.bundle import BundleError, BundleModel, read_bundle
+from visionpipe.serving.event_logger import EventLogger
 from visionpipe.serving.hard_examples import HardExampleLogger
 from visionpipe.serving.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_REQUEST_PIXELS
 from visionpipe.serving.policies import ABSTAIN, apply_policy
@@ -195,9 +196,11 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         config: ServeConfig | None = None,
         hard_examples: HardExampleLogger | None = None,
         pool: WorkerPool | None = None,
+        event_logger: EventLogger | None = None,
     ) -> None:
         super().__init__(name)
         self.hard_examples = hard_examples
+        self.event_logger = event_logger  # KServe-format CloudEvents of every call (visionpipe/serving/event_logger.py)
         self.pool = pool or default_pool()  # shared by every model of the process: one CPU budget
         if not bundle_uris:
             raise ValueError("at least one bundle URI is needed")
@@ -255,16 +258,23 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
     # KServe's Model.__call__ (kserve/model.py) awaits preprocess -> predict -> postprocess in the request's
     # task, called by DataPlane.infer (kserve/protocol/dataplane.py) for REST v1, REST v2 and gRPC alike.
     # Here the request is admitted to the worker pool first (or refused with 503 / UNAVAILABLE), and the
-    # heavy hooks run on its threads, so the event loop keeps answering health and readiness checks.
+    # heavy hooks run on its threads, so the event loop keeps answering health and readiness checks. With an
+    # event logger, the call's request and answer are queued as CloudEvents (never blocking, never raising);
+    # the time from arrival to answer, admission included, is the response event's server-side latency.
     async def __call__(
         self,
         body: dict[str, object] | InferRequest,
         headers: dict[str, str] | None = None,
         verb: InferenceVerb = InferenceVerb.PREDICT,
     ) -> tuple[object, dict[str, str]]:
+        logger = self.event_logger
+        grpc = isinstance(body, InferRequest) and bool(body.from_grpc)
+        call = logger.start(body, headers) if logger is not None and logger.wants(grpc) else None
         async with self.pool.admit():
             result: tuple[object, dict[str, str]] = await super().__call__(body, headers, verb)
-            return result
+        if call is not None:  # only answered calls log a response, as KServe's agent (pkg/logger/handler.go)
+            call.done(result[0])
+        return result
 
     async def preprocess(
         self, payload: dict[str, object] | InferRequest, headers: dict[str, str] | None = None

@@ -33,6 +33,8 @@ from visionpipe.serving.limits import (
 from visionpipe.serving.server_util import LOOPBACK, run_model_server
 from visionpipe.specs.preprocess import TTA_MODES
 
+EVENT_MODES = ("all", "request", "response")  # visionpipe/serving/event_logger.py MODES (imported lazily there)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m visionpipe.serving.server", description=__doc__)
@@ -54,6 +56,46 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         dest="allow_unsigned",
         action="store_true",
         help="serve bundles without a trusted signature (a bad signature is still refused)",
+    )
+    events = parser.add_argument_group(
+        "inference logging: KServe-format CloudEvents of every request and answer, REST and gRPC "
+        "(visionpipe/serving/event_logger.py; each flag defaults to its VISIONPIPE_EVENT_LOGGER_* variable)"
+    )
+    events.add_argument(
+        "--event_logger_url",
+        "--event-logger-url",
+        dest="event_logger_url",
+        default=None,
+        help="collector URL (unset: no logging)",
+    )
+    events.add_argument(
+        "--event_logger_mode",
+        "--event-logger-mode",
+        dest="event_logger_mode",
+        default=None,
+        choices=EVENT_MODES,
+        help="what to log (default all)",
+    )
+    events.add_argument(
+        "--event_logger_source",
+        "--event-logger-source",
+        dest="event_logger_source",
+        default=None,
+        help="ce-source (default: the host name, i.e. the pod name)",
+    )
+    events.add_argument(
+        "--event_logger_inference_service",
+        "--event-logger-inference-service",
+        dest="event_logger_inference_service",
+        default=None,
+        help="ce-inferenceservicename (default: --model_name)",
+    )
+    events.add_argument(
+        "--event_logger_protocols",
+        "--event-logger-protocols",
+        dest="event_logger_protocols",
+        default=None,
+        help="rest,grpc (default) or one of them: grpc when KServe's agent logs REST",
     )
     limits = parser.add_argument_group("limits (each refusal is a named 4xx)")
     _int_flag(limits, "max_batch", DEFAULT_MAX_BATCH, "images per request (batch_too_large)")
@@ -94,6 +136,7 @@ def _int_flag(group: argparse._ArgumentGroup, name: str, default: int | None, he
 
 def serve(args: argparse.Namespace, bundles: Sequence[str]) -> None:
     from visionpipe.serving.bundle import BundleError  # torch: imported only when serving, not for --help
+    from visionpipe.serving.event_logger import EventLogger, EventLoggerError, from_flags
     from visionpipe.serving.hard_examples import HardExampleConfig, HardExampleLogger
     from visionpipe.serving.predictor import ServeConfig, VisionPredictor
     from visionpipe.serving.runtime import WorkerPool, configure_torch_threads, cpu_budget, default_torch_threads
@@ -114,8 +157,24 @@ def serve(args: argparse.Namespace, bundles: Sequence[str]) -> None:
     threads = default_torch_threads(pool.workers, budget) if args.torch_threads is None else args.torch_threads
     torch_threads = configure_torch_threads(threads)
     hard = HardExampleConfig.from_env()  # VISIONPIPE_HARD_EXAMPLES=s3://bucket/prefix turns logging on
+    try:
+        events = from_flags(
+            args.model_name,
+            args.event_logger_url,
+            args.event_logger_mode,
+            args.event_logger_source,
+            args.event_logger_inference_service,
+            args.event_logger_protocols,
+        )
+    except EventLoggerError as exc:
+        raise SystemExit(f"python -m visionpipe.serving.server: {exc}") from None
     predictor = VisionPredictor(
-        args.model_name, list(bundles), config, HardExampleLogger(hard) if hard else None, pool=pool
+        args.model_name,
+        list(bundles),
+        config,
+        HardExampleLogger(hard) if hard else None,
+        pool=pool,
+        event_logger=EventLogger(events) if events else None,
     )
     try:
         predictor.load()  # ready only once every bundle verified
@@ -126,6 +185,12 @@ def serve(args: argparse.Namespace, bundles: Sequence[str]) -> None:
         f"cpu budget {budget}, {pool.workers} workers, queue {pool.max_queue}, torch threads {torch_threads}",
         flush=True,
     )
+    if events:
+        print(
+            f"logging {events.mode} of {','.join(events.protocols)} to {events.url} as "
+            f"{events.inference_service} ({events.source})",
+            flush=True,
+        )
     run_model_server(
         [predictor],
         host=args.host,

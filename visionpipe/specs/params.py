@@ -239,7 +239,7 @@ def _monthly() -> list[Param]:
         Param("start_canary_enabled", "BOOLEAN", False),
         Param("isvc_name", "STRING", "digits", check=_non_empty, allowed_text="an InferenceService name"),
         Param("namespace", "STRING", "kubeflow-user", check=_non_empty, allowed_text="a Kubernetes namespace"),
-        Param("canary_percent", "NUMBER_INTEGER", 10, interval=Interval(1, 100)),
+        Param("canary_percent", "NUMBER_INTEGER", 10, interval=Interval(1, 99)),
         *_shared(),
     ]
 
