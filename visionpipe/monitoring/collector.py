@@ -60,6 +60,9 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from visionpipe.monitoring.answers import ABSTAIN_LABEL, read_answers
+from visionpipe.monitoring.answers import AnswerError as AnswerError  # re-exported: raised by read_answer
+
 if TYPE_CHECKING:
     from visionpipe.monitoring.drift import DriftMonitor
 
@@ -82,10 +85,6 @@ class CollectorError(ValueError):
 
 class CloudEventError(ValueError):
     """An HTTP request that is not a usable CloudEvent."""
-
-
-class AnswerError(ValueError):
-    """An inference answer from which no label can be read."""
 
 
 # --------------------------------------------------------------------------------------------- configuration
@@ -242,53 +241,10 @@ class Decision:
 
 
 def read_answer(answer: object) -> tuple[Decision, ...]:
-    """Every instance's decision in a v1 or v2 answer of visionpipe's predictor (bytes, text or parsed JSON)."""
-    if isinstance(answer, (bytes, str)):
-        try:
-            answer = json.loads(answer)
-        except ValueError as exc:
-            raise AnswerError(f"the answer is not JSON: {exc}") from exc
-    if not isinstance(answer, dict):
-        raise AnswerError(f"the answer is a {type(answer).__name__}, not a JSON object")
-    if "predictions" in answer:
-        predictions = answer["predictions"]
-        if not isinstance(predictions, list):
-            raise AnswerError("'predictions' is not a list")
-        return tuple(_v1_decision(item) for item in predictions)
-    if "outputs" in answer:
-        return _v2_decisions(answer["outputs"])
-    raise AnswerError(f"the answer has neither 'predictions' (v1) nor 'outputs' (v2); keys: {sorted(answer)[:8]}")
-
-
-def _label(value: object, abstain: bool = False) -> Decision:
-    if abstain:
-        return Decision(ABSTAIN)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-        raise AnswerError(f"label {str(value)[:40]!r} is not a class index")
-    return Decision(ABSTAIN if int(value) == -1 else str(int(value)))  # -1: visionpipe/serving/policies.py ABSTAIN
-
-
-def _v1_decision(item: object) -> Decision:
-    if isinstance(item, dict) and "label" in item:
-        decision = item.get("decision")
-        abstain = isinstance(decision, dict) and decision.get("abstain") is True
-        return _label(item["label"], abstain)
-    raise AnswerError(f"cannot read a label from prediction {str(item)[:80]!r} (expected an object with 'label')")
-
-
-def _v2_decisions(outputs: object) -> tuple[Decision, ...]:
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-        raise AnswerError("'outputs' must be a list of tensor objects")
-    by_name = {o.get("name"): o for o in outputs}
-    label = by_name.get("label")
-    if label is None or not isinstance(label.get("data"), list):
-        raise AnswerError(f"the answer has no 'label' output with data; outputs: {sorted(map(str, by_name))}")
-    abstain = by_name.get("abstain")
-    flags = abstain.get("data") if abstain is not None else None
-    values = label["data"]
-    if isinstance(flags, list) and len(flags) == len(values):
-        return tuple(_label(v, flag is True) for v, flag in zip(values, flags, strict=True))
-    return tuple(_label(v) for v in values)
+    """Every instance's decision in a v1 or v2 answer of visionpipe's predictor (bytes, text or parsed JSON;
+    the parser the drift monitor uses too: visionpipe/monitoring/answers.py)."""
+    labels = read_answers(answer).labels
+    return tuple(Decision(ABSTAIN if label == ABSTAIN_LABEL else str(int(label))) for label in labels)
 
 
 # --------------------------------------------------------------------------------------------- metrics

@@ -66,6 +66,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from visionpipe.monitoring.answers import AnswerError, read_answers
 from visionpipe.specs import PreprocessError, PreprocessSpec
 
 if TYPE_CHECKING:
@@ -772,112 +773,16 @@ def parse_response(
     response: Mapping[str, object], classes: Sequence[str], positive_index: int | None
 ) -> tuple[FloatArray, IntArray, FloatArray | None]:
     """(confidence, label, score or None) per instance of a v1 {"predictions": [...]} or v2 {"outputs": [...]}
-    answer of the predictor (visionpipe/serving/predictor.py `records` / `_v2_response`)."""
-    if "predictions" in response:
-        return _parse_v1(response["predictions"], classes, positive_index)
-    if "outputs" in response:
-        return _parse_v2(response["outputs"], classes, positive_index)
-    raise DriftError(
-        f'response body has neither "predictions" (v1) nor "outputs" (v2); keys: {sorted(map(str, response))[:8]}'
-    )
-
-
-def _parse_records(
-    records: Sequence[object], classes: Sequence[str], positive_index: int | None, where: str
-) -> tuple[FloatArray, IntArray, FloatArray | None]:
-    conf, labels, scores = [], [], []
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise DriftError(f"{where} {i} is not an object")
-        label, c = rec.get("label"), rec.get("confidence")
-        if not isinstance(label, int) or isinstance(label, bool):
-            raise DriftError(f"{where} {i}: 'label' must be an integer, got {label!r:.40}")
-        if not isinstance(c, int | float) or isinstance(c, bool):
-            raise DriftError(f"{where} {i}: 'confidence' must be a number, got {c!r:.40}")
-        conf.append(float(c))
-        labels.append(label)
-        probs = rec.get("probabilities")
-        if positive_index is not None and isinstance(probs, dict):
-            p = probs.get(classes[positive_index])
-            if isinstance(p, int | float) and not isinstance(p, bool):
-                scores.append(float(p))
-    score = np.asarray(scores) if positive_index is not None and len(scores) == len(labels) else None
-    return np.asarray(conf, dtype=np.float64), np.asarray(labels, dtype=np.int64), score
-
-
-def _parse_v1(
-    predictions: object, classes: Sequence[str], positive_index: int | None
-) -> tuple[FloatArray, IntArray, FloatArray | None]:
-    if not isinstance(predictions, list):
-        raise DriftError('v1 response: "predictions" must be a list of records')
-    return _parse_records(predictions, classes, positive_index, "v1 prediction")
-
-
-def _parse_v2(
-    outputs: object, classes: Sequence[str], positive_index: int | None
-) -> tuple[FloatArray, IntArray, FloatArray | None]:
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-        raise DriftError('v2 response: "outputs" must be a list of tensor objects')
-    tensors: dict[str, object] = {}
-    for o in outputs:
-        if "data" not in o:
-            raise DriftError(f"v2 response: output {o.get('name')!r} has no JSON 'data' (binary outputs are not read)")
-        tensors[str(o.get("name"))] = o
-    if "result" in tensors and not ({"label", "confidence"} <= set(tensors)):
-        records = [_json_record(v) for v in _values(tensors["result"], "result")]
-        return _parse_records(records, classes, positive_index, "v2 result")
-    probs = _array(tensors["probabilities"], "probabilities") if "probabilities" in tensors else None
-    if probs is not None and (probs.ndim != 2 or probs.shape[1] != len(classes)):
-        raise DriftError(f"v2 response: probabilities has shape {probs.shape}; expected [N, {len(classes)}]")
-    if "label" not in tensors or ("confidence" not in tensors and probs is None):
+    answer of the predictor, read by the collector's parser (visionpipe/monitoring/answers.py)."""
+    try:
+        answers = read_answers(response, classes)
+    except AnswerError as exc:
+        raise DriftError(f"response: {exc}") from exc
+    if answers.confidence is None:
         raise DriftError(
-            f"v2 response carries outputs {sorted(tensors)}; reading it needs label and confidence (or "
-            "probabilities), or result"
+            "response: reading it needs label and confidence (or probabilities) per instance: v1 records with "
+            "'confidence', or the v2 outputs label + confidence / probabilities, or result"
         )
-    labels = _array(tensors["label"], "label")
-    if not np.all(labels == np.round(labels)):
-        raise DriftError("v2 response: label holds non-integers")
-    confidence = _array(tensors["confidence"], "confidence") if "confidence" in tensors else None
-    if confidence is None:
-        assert probs is not None
-        confidence = probs.max(axis=1)
-    score = None if probs is None or positive_index is None else probs[:, positive_index]
-    if len(confidence) != len(labels) or (score is not None and len(score) != len(labels)):
-        raise DriftError(f"v2 response: {len(labels)} labels but {len(confidence)} confidences")
-    return confidence.reshape(-1), labels.reshape(-1).astype(np.int64), score
-
-
-def _values(tensor: object, name: str) -> list[object]:
-    assert isinstance(tensor, dict)
-    data = tensor.get("data")
-    if not isinstance(data, list):
-        raise DriftError(f"v2 response: output {name!r} data must be a list")
-    return data
-
-
-def _array(tensor: object, name: str) -> FloatArray:
-    assert isinstance(tensor, dict)
-    data = _values(tensor, name)
-    try:
-        array = np.asarray(data, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise DriftError(f"v2 response: output {name!r} holds non-numbers") from exc
-    shape = tensor.get("shape")
-    if isinstance(shape, list) and all(isinstance(d, int) for d in shape):
-        if math.prod(shape) != array.size:
-            raise DriftError(f"v2 response: output {name!r} has shape {shape} but {array.size} values")
-        array = array.reshape(shape)
-    if not np.isfinite(array).all():
-        raise DriftError(f"v2 response: output {name!r} holds NaN or infinite values")
-    return array
-
-
-def _json_record(value: object) -> object:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    if not isinstance(value, str):
-        raise DriftError("v2 response: result elements must be JSON strings")
-    try:
-        return json.loads(value)
-    except ValueError as exc:
-        raise DriftError(f"v2 response: a result element is not JSON ({exc})") from exc
+    probabilities = answers.probabilities
+    score = None if probabilities is None or positive_index is None else probabilities[:, positive_index]
+    return answers.confidence, answers.labels, score
