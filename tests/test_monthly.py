@@ -230,24 +230,38 @@ def test_a_month_without_data_fails_the_run_naming_the_prefix(
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.slow
-def test_monthly_pipeline_refuses_a_challenger_that_loses(
-    month_prefix: Path, candidate: Path, s3_bucket: str, tmp_path: Path
-) -> None:
+def test_the_champion_gate_refuses_a_challenger_that_loses(month_prefix: Path, candidate: Path, tmp_path: Path) -> None:
+    """The month's phases, in process: a challenger that loses to the champion on the month's val_test fails
+    bundle_validation's champion check (in the pipeline that stops the run before export, as
+    tests/test_e2e.py shows for the same decision sub-graph's quality gates)."""
+    from visionpipe.phases.bundle_validation import Gates, ValidationFailed
+    from visionpipe.phases.bundle_validation import run as validate
+    from visionpipe.phases.calibration import run as calibrate
+    from visionpipe.phases.data_fetch import run as fetch
+    from visionpipe.phases.supervised_train import run as train
+    from visionpipe.phases.threshold_sweep import run as sweep
+    from visionpipe.training.recipes import load_recipe
+
+    month = gather_month(str(month_prefix / "data"), MONTH, "", tmp_path / "images")
+    fetch(str(month.folder), tmp_path / "ds", seed=0)
     # another seed gives the head a fresh random init, and a vanishing learning rate leaves it untrained
-    weak = json.dumps({"epochs": 1, "seed": 7, "preprocess": {"kind": "standard"}, "optimizer": {"lr": 1e-7}})
-    with pytest.raises(RuntimeError, match="bundle-validation"):
-        run_pipeline(
-            monthly_retrain_pipeline,
-            {
-                **MONTHLY_TINY,
-                "recipe_overrides_json": weak,
-                "target_selective_accuracy": 0.05,  # any abstain threshold is feasible for the weak challenger
-                "data_prefix": str(month_prefix / "data"),
-                "data_month": MONTH,
-                "champion_uri": str(candidate),
-                "destination": f"{s3_bucket}/refused",
-            },
-            tmp_path / "runs",
+    weak = load_recipe(
+        "digits-cnn", {"epochs": 1, "seed": 7, "preprocess": {"kind": "standard"}, "optimizer": {"lr": 1e-7}}
+    )
+    train(tmp_path / "ds", tmp_path / "model", tmp_path / "logits", weak, tmp_path / "ckpt", log=lambda _msg: None)
+    sweep(tmp_path / "logits", tmp_path / "thr", bootstrap=20, target_selective_accuracy=0.05)
+    calibrate(tmp_path / "logits", tmp_path / "thr", tmp_path / "cal")
+    with pytest.raises(ValidationFailed) as failed:
+        validate(
+            tmp_path / "ds",
+            tmp_path / "model",
+            tmp_path / "logits",
+            tmp_path / "cal",
+            tmp_path / "bundle",
+            threshold_dir=tmp_path / "thr",
+            gates=Gates(champion_uri=str(candidate)),
+            name="digits",
         )
-    assert not any("/refused/" in u for u in storage.list_uris(s3_bucket))
+    message = str(failed.value)
+    assert message.startswith("bundle validation failed: champion (val_test accuracy: candidate"), message[:300]
+    assert "worse than champion" in message.split("\n", 1)[0]
