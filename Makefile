@@ -11,8 +11,10 @@ PACKAGE ?=
 UV_VERSION := $(shell awk '/^name = "uv"$$/ {getline; gsub(/"/, "", $$3); print $$3; exit}' uv.lock)
 UV := $(VENV)/bin/uv
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
+# `make image`: the project image, built here with buildah (containers/build.sh; base image from Debian packages).
+IMAGE ?= localhost/visionpipe:dev
 
-.PHONY: demo test lint typecheck unit install upgrade clean
+.PHONY: demo test lint typecheck unit install upgrade clean image test-image
 
 $(STAMP): uv.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -48,6 +50,16 @@ upgrade: $(STAMP)
 	$(UV) sync --frozen --extra dev --python $(PY) --quiet
 	touch $(STAMP)
 	$(VENV)/bin/visionpipe compile
+
+# The project image from the Dockerfile with buildah on a local Debian base (built first when missing); installs
+# exactly uv.lock's runtime pins; prints the image id, size and build time. Needs root, buildah, podman,
+# mmdebstrap (apt-get install -y buildah podman runc mmdebstrap). Does not need .venv.
+image:
+	containers/build.sh $(IMAGE)
+
+# The image's tests (hygiene, an IR executor, the serving runtime with tritonclient); builds the image first.
+test-image: $(STAMP)
+	$(VENV)/bin/pytest -m image tests/test_image.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs bundles .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,238 @@
+"""Test helpers for the project image (tests/test_image.py): find or build it once per session, run containers
+with podman, bounded by timeouts, and stop only the containers these helpers started (by container id).
+
+The sandbox quirk: this machine forbids setting another process's rlimits, so podman's default runtime (runc)
+fails with ``error setting rlimits``. The helpers run podman with ``CONTAINERS_CONF`` pointing at a
+containers.conf rendered from ``containers/containers.conf.in`` whose runtime is ``containers/norlimit-runtime``
+(deletes ``process.rlimits`` from the bundle's config.json, then execs runc). Users never need it.
+
+The image: ``$VISIONPIPE_TEST_IMAGE`` (default ``localhost/visionpipe:dev``). Once per session
+``containers/build.sh`` (= ``make image``) brings it up to date with the working tree: with buildah's layer cache
+a code-only change rebuilds only the project step, and an unchanged tree reuses every layer.
+``VISIONPIPE_TEST_IMAGE_BUILD=0`` uses the image as it is (it must exist).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONTAINERS_DIR = REPO / "containers"
+WRAPPER = CONTAINERS_DIR / "norlimit-runtime"
+CONF_TEMPLATE = CONTAINERS_DIR / "containers.conf.in"
+BUILD_SCRIPT = CONTAINERS_DIR / "build.sh"
+STATE_DIR = Path(os.environ.get("VISIONPIPE_CONTAINERS_DIR", "/var/tmp/visionpipe-containers"))
+DEFAULT_IMAGE = "localhost/visionpipe:dev"
+TOOLS = ("podman", "buildah", "runc")
+INSTALL_HINT = "apt-get install -y buildah podman runc mmdebstrap"
+# A cold build downloads about 5.5 GB of wheels and writes a ~10 GB layer; a warm one takes seconds to minutes.
+BUILD_TIMEOUT_S = float(os.environ.get("VISIONPIPE_IMAGE_BUILD_TIMEOUT", "5400"))
+
+
+def image_ref() -> str:
+    return os.environ.get("VISIONPIPE_TEST_IMAGE", DEFAULT_IMAGE)
+
+
+def missing_tools() -> list[str]:
+    return [tool for tool in TOOLS if shutil.which(tool) is None]
+
+
+def containers_conf() -> Path:
+    """containers.conf naming the norlimit wrapper by its absolute path (rendered into STATE_DIR)."""
+    text = CONF_TEMPLATE.read_text().replace("@NORLIMIT_RUNTIME@", str(WRAPPER))
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    path = STATE_DIR / "containers.conf"
+    if not path.is_file() or path.read_text() != text:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
+def podman_env() -> dict[str, str]:
+    return {**os.environ, "CONTAINERS_CONF": str(containers_conf())}
+
+
+def podman(*args: str, timeout_s: float = 120.0, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``podman ARGS`` with the sandbox's containers.conf; never raises on a non-zero exit (callers assert)."""
+    return subprocess.run(
+        ["podman", *args],
+        env=podman_env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def image_exists(ref: str) -> bool:
+    return podman("image", "exists", ref, timeout_s=60).returncode == 0
+
+
+def inspect_image(ref: str) -> dict[str, object]:
+    done = podman("image", "inspect", ref, timeout_s=60)
+    assert done.returncode == 0, f"podman image inspect {ref}: {done.stderr}"
+    found = json.loads(done.stdout)
+    assert isinstance(found, list) and found and isinstance(found[0], dict)
+    return found[0]
+
+
+def build_image(ref: str) -> str:
+    """Run containers/build.sh for `ref`; returns its last output line (id, size, seconds)."""
+    done = subprocess.run(
+        [str(BUILD_SCRIPT), ref],
+        cwd=REPO,
+        env=podman_env(),
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise AssertionError(
+            f"containers/build.sh {ref} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-6000:]}"
+        )
+    return done.stdout.strip().splitlines()[-1]
+
+
+def ensure_image() -> str:
+    """The image reference, built / brought up to date once per session; skips (a failure under
+    VISIONPIPE_NO_SKIPS=1) when podman, buildah or runc is missing."""
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (install: {INSTALL_HINT})")
+    ref = image_ref()
+    if os.environ.get("VISIONPIPE_TEST_IMAGE_BUILD", "1") == "0":
+        if not image_exists(ref):
+            pytest.fail(f"VISIONPIPE_TEST_IMAGE_BUILD=0 but image {ref} does not exist; run `make image IMAGE={ref}`")
+        return ref
+    build_image(ref)
+    return ref
+
+
+def run_args(
+    *,
+    network: str = "none",
+    env: Mapping[str, str] | None = None,
+    volumes: Sequence[tuple[Path, str]] = (),
+    user: str | None = None,
+    ports: Sequence[tuple[int, int]] = (),
+) -> list[str]:
+    """podman run options: read-only bind mounts (host, container), loopback-only port publishing."""
+    args = [f"--network={network}"]
+    for key, value in (env or {}).items():
+        args += ["--env", f"{key}={value}"]
+    for host, target in volumes:
+        args += ["--volume", f"{host}:{target}:ro"]
+    if user is not None:
+        args += ["--user", user]
+    for host_port, container_port in ports:
+        args += ["--publish", f"127.0.0.1:{host_port}:{container_port}"]
+    return args
+
+
+def run_in_image(
+    ref: str,
+    argv: Sequence[str],
+    *,
+    network: str = "none",
+    env: Mapping[str, str] | None = None,
+    volumes: Sequence[tuple[Path, str]] = (),
+    user: str | None = None,
+    entrypoint: str | None = None,
+    timeout_s: float = 180.0,
+    stdin: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``podman run --rm`` one command in the image (no network unless asked), bounded by `timeout_s`."""
+    options = run_args(network=network, env=env, volumes=volumes, user=user)
+    if entrypoint is not None:
+        options += ["--entrypoint", entrypoint]
+    if stdin is not None:
+        options.append("--interactive")
+    return podman("run", "--rm", *options, ref, *argv, timeout_s=timeout_s, stdin=stdin)
+
+
+def python_in_image(
+    ref: str,
+    code: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    volumes: Sequence[tuple[Path, str]] = (),
+    timeout_s: float = 180.0,
+) -> str:
+    """Run `code` with the image's ``python`` (no network); returns stdout, fails with the output otherwise."""
+    done = run_in_image(ref, ["python", "-c", code], env=env, volumes=volumes, timeout_s=timeout_s)
+    assert done.returncode == 0, (
+        f"python in {ref} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
+    return done.stdout
+
+
+@dataclass
+class Container:
+    """A detached container started by `running_container` (stopped and removed by its id on exit)."""
+
+    id: str
+    ref: str
+
+    def logs(self, chars: int = 6000) -> str:
+        done = podman("logs", self.id, timeout_s=30)
+        return (done.stdout + done.stderr)[-chars:]
+
+
+@contextlib.contextmanager
+def running_container(
+    ref: str,
+    argv: Sequence[str],
+    *,
+    entrypoint: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    volumes: Sequence[tuple[Path, str]] = (),
+    ports: Sequence[tuple[int, int]] = (),
+    ready_url: str | None = None,
+    timeout_s: float = 120.0,
+) -> Iterator[Container]:
+    """``podman run -d`` (default network, ports published on 127.0.0.1 only); waits until `ready_url` answers
+    200 (bounded by `timeout_s`); removes the container by its id on exit, whatever happens."""
+    options = run_args(network="bridge", env=env, volumes=volumes, ports=ports)
+    if entrypoint is not None:
+        options += ["--entrypoint", json.dumps(list(entrypoint))]
+    started = podman("run", "--detach", *options, ref, *argv, timeout_s=120)
+    assert started.returncode == 0, f"podman run -d {ref}: {started.stderr[-3000:]}"
+    container = Container(id=started.stdout.strip().splitlines()[-1], ref=ref)
+    try:
+        if ready_url is not None:
+            wait_ready(container, ready_url, timeout_s)
+        yield container
+    finally:
+        podman("rm", "--force", "--time", "5", container.id, timeout_s=60)
+
+
+def wait_ready(container: Container, url: str, timeout_s: float) -> None:
+    """Poll `url` until it answers 200 (bounded by `timeout_s`); fails with the container's log if it exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = podman("inspect", "--format", "{{.State.Running}}", container.id, timeout_s=30).stdout.strip()
+        if state == "false":
+            raise AssertionError(f"container {container.id[:12]} exited before {url} was ready:\n{container.logs()}")
+        with (
+            contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError, OSError),
+            urllib.request.urlopen(url, timeout=1.0) as answer,
+        ):
+            if answer.status == 200:
+                return
+        time.sleep(0.25)
+    raise AssertionError(f"{url} not ready after {timeout_s:.0f} s:\n{container.logs()}")
