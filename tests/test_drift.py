@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+from images import png_b64
 from PIL import Image
 from scipy import stats
 
@@ -19,12 +18,6 @@ from visionpipe.monitoring import drift as D
 from visionpipe.serving import bundle as B
 
 UInt8 = npt.NDArray[np.uint8]
-
-
-def _png_b64(image: UInt8) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _val_test(trained: Path) -> UInt8:
@@ -248,9 +241,9 @@ def test_observe_event_reads_v1_and_v2_bodies_as_the_predictor_answers_them(
 ) -> None:
     ref = D.load_reference(candidate)
     images = _val_test(trained)[:16]
-    v1 = {"instances": [{"b64": _png_b64(img)} for img in images[:4]]}
+    v1 = {"instances": [{"b64": png_b64(img)} for img in images[:4]]}
     v2_png = {
-        "inputs": [{"name": "image", "shape": [4], "datatype": "BYTES", "data": [_png_b64(i) for i in images[4:8]]}]
+        "inputs": [{"name": "image", "shape": [4], "datatype": "BYTES", "data": [png_b64(i) for i in images[4:8]]}]
     }
     pix = images[8:12]
     v2_pixels = {
@@ -297,7 +290,7 @@ def test_observe_event_refuses_unreadable_requests(
 def test_observe_event_refuses_unreadable_responses(candidate: Path, trained: Path) -> None:
     monitor = D.DriftMonitor(D.load_reference(candidate), window=8, n_null=50)
     image = _val_test(trained)[0]
-    request = {"instances": [{"b64": _png_b64(image)}]}
+    request = {"instances": [{"b64": png_b64(image)}]}
     for response, match in [
         ({"predictions": [{"label": 1, "confidence": 0.9}] * 2}, "1 image"),
         ({"predictions": [{"label": 42, "confidence": 0.9}]}, "label 42"),

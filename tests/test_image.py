@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import shutil
 import subprocess
@@ -23,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from images import png_bytes
 from packaging.markers import Marker
 from packaging.utils import canonicalize_name
-from PIL import Image
 
 from containers import REPO, Container, inspect_image, python_in_image, run_in_image, running_container, wait_ready
 from containers import ensure_image as _ensure_image
@@ -275,13 +274,7 @@ def model_mounts(candidate: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 
 @pytest.fixture(scope="module")
 def pngs(trained: Path) -> list[bytes]:
-    images = load_dataset(trained / "ds").split("val_test", "evaluate").images[:8]
-    out = []
-    for img in images:
-        buf = io.BytesIO()
-        Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+    return [png_bytes(img) for img in load_dataset(trained / "ds").split("val_test", "evaluate").images[:8]]
 
 
 def _runtime_argv(runtime_spec: dict[str, object]) -> tuple[list[str], list[str], dict[str, str], str]:

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from images import png_bytes
 
 from visionpipe.kfp.local import local_job_times, run_pipeline
 from visionpipe.kfp.monthly import monthly_retrain_pipeline
@@ -80,12 +79,6 @@ def test_a_garbled_run_time_is_refused(field: str, bad: str) -> None:
 CANDIDATE = "s3://visionpipe/bundles/digits/20270105-093000-cd34ef56"
 
 
-def _png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img[..., 0]).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def month_prefix(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two months of new digits (from the champion's Dataset train split), the first with labelled hard examples,
@@ -100,15 +93,15 @@ def month_prefix(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
         for j, i in enumerate(idx[:12]):
             path = root / "data" / MONTH / name / f"{j:03d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(_png(train.images[i]))
+            path.write_bytes(png_bytes(train.images[i]))
         for j, i in enumerate(idx[12:14]):
             hard = root / "hard" / MONTH / "labelled" / name / f"h{j}.png"
             hard.parent.mkdir(parents=True, exist_ok=True)
-            hard.write_bytes(_png(train.images[i]))
+            hard.write_bytes(png_bytes(train.images[i]))
         for j, i in enumerate(idx[14:26]):
             path = root / "data" / NEXT_MONTH / name / f"{j:03d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(_png(train.images[i]))
+            path.write_bytes(png_bytes(train.images[i]))
     return root
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import io
 import json
 import struct
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from images import png_bytes
 
 from visionpipe.data.datasets import load_dataset
 from visionpipe.harness import ServerProcess, free_port, running_server
@@ -40,13 +39,7 @@ def served(candidate: Path) -> Iterator[tuple[ServerProcess, int]]:
 
 @pytest.fixture(scope="module")
 def pngs(trained: Path) -> list[bytes]:
-    images = load_dataset(trained / "ds").split("val_test", "evaluate").images[:6]
-    out = []
-    for img in images:
-        buf = io.BytesIO()
-        Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+    return [png_bytes(img) for img in load_dataset(trained / "ds").split("val_test", "evaluate").images[:6]]
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,6 @@ and the rest of the chain still runs with the predictor reading the same storage
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import subprocess
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from images import png_b64
 from s3server import S3Server
 
 from visionpipe.data.datasets import load_dataset
@@ -101,12 +99,6 @@ def _published_files(storage_uri: str) -> set[str]:
     return {u[len(root) + 1 :] for u in storage.list_uris(root)}
 
 
-def _png_b64(image: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[2] == 1 else image).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _served_answers(
     argv: list[str], port: int, images: np.ndarray, env: dict[str, str] | None = None
 ) -> list[dict[str, object]]:
@@ -114,7 +106,7 @@ def _served_answers(
     answers: list[dict[str, object]] = []
     with running_server(argv, port, timeout_s=180, env=env or _bare_env()) as server:
         for start in range(0, len(images), 50):
-            body = {"instances": [{"b64": _png_b64(img)} for img in images[start : start + 50]]}
+            body = {"instances": [{"b64": png_b64(img)} for img in images[start : start + 50]]}
             request = urllib.request.Request(
                 f"{server.base_url}/v1/models/digits:predict",
                 data=json.dumps(body).encode(),
