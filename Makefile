@@ -57,7 +57,8 @@ upgrade: $(STAMP)
 image:
 	containers/build.sh $(IMAGE)
 
-# The image's tests (hygiene, an IR executor, the serving runtime with tritonclient); builds the image first.
+# The image's tests (hygiene, an IR executor, the training pipeline under kfp.local.DockerRunner, the serving
+# runtime with tritonclient); builds the image first. .ci/run runs it after `make test`.
 test-image: $(STAMP)
 	$(VENV)/bin/pytest -m image tests/test_image.py $(PYTEST_ARGS)
 

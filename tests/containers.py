@@ -22,11 +22,15 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import docker
 
 REPO = Path(__file__).resolve().parents[1]
 CONTAINERS_DIR = REPO / "containers"
@@ -236,3 +240,96 @@ def wait_ready(container: Container, url: str, timeout_s: float) -> None:
                 return
         time.sleep(0.25)
     raise AssertionError(f"{url} not ready after {timeout_s:.0f} s:\n{container.logs()}")
+
+
+# --------------------------------------------------------------------------- kfp.local.DockerRunner over podman
+@contextlib.contextmanager
+def podman_socket(timeout_s: float = 60.0) -> Iterator[str]:
+    """``podman system service`` on a private unix socket (Docker's API, what kfp.local.DockerRunner's `docker`
+    client speaks); yields the DOCKER_HOST value, and on exit ends that service by its PID (SIGTERM, then
+    SIGKILL after 10 s)."""
+    import docker
+
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    socket = STATE_DIR / f"podman-{os.getpid()}.sock"
+    socket.unlink(missing_ok=True)
+    url = f"unix://{socket}"
+    log = (STATE_DIR / f"podman-{os.getpid()}.log").open("w")
+    ok = False
+    service = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", url], env=podman_env(), stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if service.poll() is not None:
+                raise AssertionError(f"podman system service exited {service.returncode}: see {log.name}")
+            if socket.exists():
+                with contextlib.suppress(docker.errors.DockerException, OSError):
+                    client = docker.DockerClient(base_url=url, timeout=10)
+                    try:
+                        if client.ping():
+                            break
+                    finally:
+                        client.close()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"podman's socket {socket} did not answer within {timeout_s:.0f} s")
+            time.sleep(0.2)
+        yield url
+        ok = True
+    finally:
+        service.terminate()
+        try:
+            service.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            service.wait(timeout=10)
+        log.close()
+        socket.unlink(missing_ok=True)
+    if ok:  # kept for a look when something failed
+        Path(log.name).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class TaskContainer:
+    """One task container that kfp.local.DockerRunner started: its image, command (the IR's command + resolved
+    args) and exit code."""
+
+    image: str
+    command: tuple[str, ...]
+    exit_code: int
+
+
+def recording_container_runner(record: list[TaskContainer]) -> Callable[..., int]:
+    """A stand-in for `kfp.local.docker_task_handler.run_docker_container` (kfp 2.17.3) that runs the same
+    container with the same arguments, but keeps it until its exit code is read, then removes it by its id.
+
+    Why: kfp's function starts the container with ``auto_remove=True`` and then streams its logs; when a task
+    finishes first (a two-second task does), the container is already gone. Docker answers that with a 404, which
+    kfp catches as ``docker.errors.NotFound`` and then *assumes exit code 0*; podman 4.3's Docker-compatible API
+    answers ``500 ... no such container`` (an ``APIError``, not caught), so the first short task crashes the run.
+    Waiting before removing gives the real exit code under both engines. The rest of DockerRunner (the image and
+    command from the compiled IR, the pipeline root bind-mounted at its own path, the executor input) is kfp's."""
+    from kfp.local import docker_task_handler
+
+    def run_docker_container(
+        client: docker.DockerClient,
+        image: str,
+        command: list[str],
+        volumes: dict[str, object],
+        **container_run_args: object,
+    ) -> int:
+        image = docker_task_handler.add_latest_tag_if_not_present(image=image)
+        container = client.containers.run(
+            image=image, command=command, detach=True, stdout=True, stderr=True, volumes=volumes, **container_run_args
+        )
+        try:
+            for line in container.logs(stream=True, follow=True):
+                print(line.decode(errors="replace"), end="")
+            exit_code = int(container.wait(timeout=3600)["StatusCode"])
+        finally:
+            container.remove(force=True)
+        record.append(TaskContainer(image, tuple(command), exit_code))
+        return exit_code
+
+    return run_docker_container

@@ -23,13 +23,28 @@ import numpy as np
 import pytest
 import yaml
 from images import png_bytes
+from kfp import local
 from packaging.markers import Marker
 from packaging.utils import canonicalize_name
 
-from containers import REPO, Container, inspect_image, python_in_image, run_in_image, running_container, wait_ready
+from containers import (
+    REPO,
+    Container,
+    TaskContainer,
+    inspect_image,
+    podman_socket,
+    python_in_image,
+    recording_container_runner,
+    run_in_image,
+    running_container,
+    wait_ready,
+)
 from containers import ensure_image as _ensure_image
 from visionpipe.data.datasets import load_dataset
 from visionpipe.harness import ServerProcess, free_port, running_server
+from visionpipe.kfp.compile import PIPELINES, compile_pipeline
+from visionpipe.kfp.local import install_local_job_times
+from visionpipe.serving import bundle as B
 from visionpipe.serving import signing
 
 # Run with `make test-image` (the container tests need root, buildah and podman; `make test` deselects them).
@@ -440,3 +455,103 @@ def test_serves_a_bundle_with_no_network(
     answer = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("ANSWER "))[7:])
     labels = next(o["data"] for o in answer["outputs"] if o["name"] == "label")
     assert labels == _rest_answer(servers.host.port, pngs)["label"]
+
+
+# ------------------------------------------------------------------------------------- the pipeline in containers
+TINY_RUN = {"recipe_overrides_json": '{"epochs": 1, "batch_size": 32}', "bootstrap": 20, "model_name": "in-image"}
+# What differs between two runs of the same inputs: the time and the version stamped from it, and the code version
+# (the image has no git checkout, so `visionpipe 0.1.0` without the commit). Everything else must be equal.
+RUN_STAMPS = frozenset({"created", "submitted", "version", "bundle_version", "code_version"})
+
+
+def _run_compiled_ir(ir: Path, runner: local.SubprocessRunner | local.DockerRunner, root: Path) -> tuple[Path, Path]:
+    """The compiled pipeline `ir` (YAML) under kfp.local with `runner`; (exported bundle folder, dataset)."""
+    from kfp import components
+
+    install_local_job_times()
+    root.mkdir()
+    root.chmod(0o777)  # the task containers run as uid 10001 and write their outputs under the pipeline root
+    local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
+    task = components.load_component_from_file(str(ir))(destination=str(root / "bundles"), **TINY_RUN)
+    return Path(str(task.outputs["bundle_uri"])), Path(task.outputs["dataset"].path)
+
+
+def _without_stamps(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _without_stamps(v) for k, v in value.items() if k not in RUN_STAMPS}
+    if isinstance(value, list):
+        return [_without_stamps(v) for v in value]
+    return value
+
+
+def _bundle_contents(folder: Path) -> dict[str, object]:
+    """Every file of a bundle: JSON parsed without its run stamps, reports with the version masked, the others
+    (weights) by sha256."""
+    version = json.loads((folder / B.BUNDLE_FILE).read_text())["version"]
+    out: dict[str, object] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = str(path.relative_to(folder))
+        if name == B.SIGNATURE_FILE:
+            continue  # signs the manifest, which holds the stamps
+        if path.suffix == ".json":
+            document = json.loads(path.read_text())
+            if name == B.BUNDLE_FILE:  # the digests of the stamped files differ with the stamps
+                stamped = [n for n in document["files"] if n.endswith((".json", ".md"))]
+                document["files"] = {k: v for k, v in document["files"].items() if k not in stamped}
+            out[name] = _without_stamps(document)
+        elif path.suffix == ".md":
+            out[name] = path.read_text().replace(version, "<version>")
+        else:
+            out[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def test_training_pipeline_in_the_image_gives_the_subprocess_runs_bundle(
+    image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled training IR (every executor naming this image) under kfp.local.DockerRunner through podman's
+    Docker-compatible socket, with no network: each task runs in the image with its IR command. The same IR under
+    SubprocessRunner on the host gives the same bundle: equal weights, calibrator, thresholds and decisions."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from kfp.local import docker_task_handler
+
+    private = Ed25519PrivateKey.generate()
+    keys = {
+        signing.SIGNING_KEY_ENV: base64.b64encode(private.private_bytes_raw()).decode(),
+        signing.TRUSTED_KEYS_ENV: signing.public_key_b64(private.public_key()),
+    }
+    entry = next(e for e in PIPELINES if e.name == "training")
+    ir = compile_pipeline(entry, tmp_path / "ir", image=image)
+    executors = next(yaml.safe_load_all(ir.read_text()))["deploymentSpec"]["executors"]
+    ir_commands = {tuple(e["container"]["command"]) for e in executors.values()}
+    assert {e["container"]["image"] for e in executors.values()} == {image}
+
+    containers: list[TaskContainer] = []
+    monkeypatch.setattr(docker_task_handler, "run_docker_container", recording_container_runner(containers))
+    with podman_socket() as docker_host:
+        monkeypatch.setenv("DOCKER_HOST", docker_host)
+        runner = local.DockerRunner(network_mode="none", environment=keys)
+        in_image, dataset = _run_compiled_ir(ir, runner, tmp_path / "docker")
+    for name, value in keys.items():
+        monkeypatch.setenv(name, value)  # the subprocess tasks inherit the host's environment
+    on_host, _ = _run_compiled_ir(ir, local.SubprocessRunner(use_venv=False), tmp_path / "subprocess")
+
+    # every task ran in the image, with its executor's command from the IR, and exited 0
+    assert len(containers) >= 8, [c.command[:3] for c in containers]
+    assert {c.image for c in containers} == {image}
+    assert all(c.exit_code == 0 for c in containers)
+    assert all(any(c.command[: len(cmd)] == cmd for cmd in ir_commands) for c in containers)
+    assert any("supervised_train" in " ".join(c.command) for c in containers)
+
+    # the bundle the containers wrote verifies (signature, digests, weights) and equals the host's
+    verified = B.read_bundle(in_image, cache_dir=tmp_path / "cache")
+    verified.load_models()
+    assert _bundle_contents(in_image) == _bundle_contents(on_host)
+    # and so the two bundles decide alike: labels, abstentions and prediction sets on the held-out images
+    images = load_dataset(dataset).split("val_test", "evaluate").images
+    ours, theirs = (B.BundleModel(B.read_bundle(b, cache_dir=tmp_path / "cache")) for b in (in_image, on_host))
+    a, b = ours.predict_images(images), theirs.predict_images(images)
+    assert np.array_equal(a.decisions.labels, b.decisions.labels)
+    assert np.array_equal(a.decisions.set_mask, b.decisions.set_mask)
+    assert np.array_equal(a.calibrated_probs, b.calibrated_probs)
+    assert 0 < int((a.decisions.labels >= 0).sum()) <= len(images)
