@@ -14,7 +14,7 @@ export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 # `make image`: the project image, built here with buildah (containers/build.sh; base image from Debian packages).
 IMAGE ?= localhost/visionpipe:dev
 
-.PHONY: demo test lint typecheck unit install upgrade clean image test-image
+.PHONY: demo test lint typecheck unit install upgrade clean image test-image test-long
 
 $(STAMP): uv.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -56,6 +56,10 @@ upgrade: $(STAMP)
 # mmdebstrap (apt-get install -y buildah podman runc mmdebstrap). Does not need .venv.
 image:
 	containers/build.sh $(IMAGE)
+
+# The long end-to-end runs (the roadwork pipeline on real photos, served); .ci/run runs it after `make test`.
+test-long: $(STAMP)
+	$(VENV)/bin/pytest -m long $(PYTEST_ARGS)
 
 # The image's tests (hygiene, an IR executor, the training pipeline under kfp.local.DockerRunner, the serving
 # runtime with tritonclient); builds the image first. .ci/run runs it after `make test`.

@@ -251,3 +251,38 @@ def test_transformer_blocks_follow_the_registry(name: str) -> None:
     assert all(b in modules for b in blocks)
     if REGISTRY[name].transformer:
         assert len(blocks) == model.spec.num_layers and REGISTRY[name].final_norm in modules
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_efficientnet_parameter_count_is_exact_and_activations_bound_the_widest_map(name: str, channels: int) -> None:
+    from visionpipe.serving.models import activation_elements, count_parameters, parameter_count
+
+    spec = ArchSpec(name, 2, channels, 64)
+    model = build_model(spec)
+    assert parameter_count(spec) == count_parameters(model)
+    widest = [0]
+
+    def record(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        widest[0] = max(widest[0], output[0].numel())
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()(torch.randn(1, channels, 64, 64))
+    for hook in hooks:
+        hook.remove()
+    assert 2 * widest[0] + channels * 64 * 64 <= activation_elements(spec) <= 3 * widest[0] + channels * 64 * 64
+
+
+def test_efficientnet_backbone_meta_compares_only_name_and_channels(tmp_path: Path) -> None:
+    """efficientnet-lite has no recipe shape fields: a backbone.json whose (unused) width differs still loads; one
+    built for grey input does not."""
+    rgb = ArchSpec("efficientnet-lite0", 2, 3, 32)
+    save_backbone(build_model(rgb), tmp_path / "rgb")
+    meta = json.loads((tmp_path / "rgb" / "backbone.json").read_text())
+    meta["arch"]["width"] = 99
+    (tmp_path / "rgb" / "backbone.json").write_text(json.dumps(meta))
+    load_pretrained_backbone(build_model(ArchSpec("efficientnet-lite0", 5, 3, 48)), str(tmp_path / "rgb"))
+    save_backbone(build_model(ArchSpec("efficientnet-lite0", 2, 1, 32)), tmp_path / "grey")
+    with pytest.raises(WeightsError, match="in_channels: backbone 1 vs model 3"):
+        load_pretrained_backbone(build_model(rgb), str(tmp_path / "grey"))

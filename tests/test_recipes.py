@@ -10,7 +10,7 @@ import yaml
 from visionpipe.training import recipes as rc
 from visionpipe.training.recipes import Recipe, RecipeError, load_recipe, recipe_hash
 
-REQUIRED = ("digits-cnn", "digits-resnet18", "roadwork-vit-dora", "roadwork-dinov2-lora")
+REQUIRED = ("digits-cnn", "digits-resnet18", "roadwork-vit-dora", "roadwork-dinov2-lora", "roadwork-effnet-lite0")
 
 
 def test_required_recipes_are_shipped() -> None:
@@ -34,6 +34,7 @@ def test_every_shipped_recipe_loads_validates_and_round_trips(name: str) -> None
         ("digits-resnet18", "resnet18", "none"),
         ("roadwork-vit-dora", "vit", "dora"),
         ("roadwork-dinov2-lora", "dinov2", "lora"),
+        ("roadwork-effnet-lite0", "efficientnet-lite0", "none"),
     ],
 )
 def test_shipped_recipes_choose_the_documented_model(name: str, arch: str, peft: str) -> None:
@@ -42,7 +43,7 @@ def test_shipped_recipes_choose_the_documented_model(name: str, arch: str, peft:
 
 
 def test_roadwork_recipes_select_by_mcc_on_rgb() -> None:
-    for name in ("roadwork-vit-dora", "roadwork-dinov2-lora"):
+    for name in ("roadwork-vit-dora", "roadwork-dinov2-lora", "roadwork-effnet-lite0"):
         recipe = load_recipe(name)
         assert recipe.early_stopping.metric == "mcc"
         assert recipe.preprocess.channels == 3
@@ -183,6 +184,8 @@ SHIPPED_HASHES = {
     "digits-resnet18": "c6804bdcab3d7f3f45de875331d5ee2f0ee280ea19baec2dbffe52dd5398fdfb",
     "roadwork-dinov2-lora": "877caf4254c5e479013831bac32d9f78c06c0f1f46c393e9ad9377f0aa2dc75b",
     "roadwork-vit-dora": "375b5727c42de5f6de95fb0d29538014daba7e19e559b29e02c56adc63b6e3e8",
+    # added with the recipe (issue 16); bench/roadwork.py's figures were measured with it
+    "roadwork-effnet-lite0": "05a64f16894870280e720e943bd9a2f6afcf82961e078ec5758abf65cd26ae5f",
 }
 
 

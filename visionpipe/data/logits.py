@@ -2,6 +2,12 @@
 
 A folder holding ``meta.json`` (``classes``, ``positive_class``) and one ``<split>.npz`` per split of
 `LOGIT_SPLITS` (arrays ``logits`` float (N, K) and ``labels`` int64 (N,)), from the best checkpoint.
+
+Without multi-view inference ``logits`` are the model's raw logits. With ``preprocess.views``
+(visionpipe/serving/views.py) they are the views' aggregated log-probabilities, a normalised logit vector per image:
+softmax gives the aggregated probabilities, so the decision phases read them exactly as logits, and they are what
+the bundle serves (`BundleModel.predict_images`, the served predictor). For binary tasks the aggregation pools the
+positive class's log-odds; the positive class is `LogitsMeta.positive_index`.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def decide_and_publish(
         bootstrap: Bootstrap resamples of the confidence interval (threshold_sweep).
         calibration_method: Probability calibrator fitted on val_calib (calibration).
         alpha: Miscoverage level of the conformal sets and risk target of SCRC (calibration).
-        conformal_score: Conformal score: lac, aps or raps (calibration).
+        conformal_score: Conformal score: lac, aps (randomized), aps-conservative or raps (calibration).
         scrc_selection_rate: Share of the images SCRC selects (calibration).
         scrc_delta: SCRC confidence level (calibration).
         active_policy: threshold or scrc (calibration).

@@ -42,15 +42,18 @@ SHARED: dict[str, str] = {
         "chosen threshold."
     ),
     "calibration_method": (
-        "Probability calibrator fitted on val_calib: auto (lowest cross-fitted NLL among the\n"
-        "candidates), identity, temperature, platt, beta or isotonic; platt, beta and isotonic only for\n"
-        "two-class tasks."
+        "Probability calibrator fitted on val_calib: auto (two classes: the simplest map within one\n"
+        "paired SE of the lowest 10x5-fold cross-fitted NLL; more classes: the lowest 5-fold NLL),\n"
+        "identity, temperature, platt, beta or isotonic; platt, beta and isotonic only for two-class tasks."
     ),
     "alpha": (
         "Miscoverage level in (0, 1) of the conformal prediction sets (they hold the true class with\n"
         "probability >= 1 - alpha) and the risk target of SCRC."
     ),
-    "conformal_score": "Conformal score of the prediction sets: lac, aps or raps.",
+    "conformal_score": (
+        "Conformal score of the prediction sets: lac, aps (randomized, Romano et al. 2020),\n"
+        "aps-conservative (never empty, over-covers) or raps."
+    ),
     "scrc_selection_rate": "Share of the images, in (0, 1], that SCRC selects (the rest abstain).",
     "scrc_delta": (
         "SCRC confidence level in (0, 1): with probability >= 1 - delta the risk on the selected\nimages is <= alpha."

@@ -2,7 +2,13 @@
 
 1. Method: ``auto`` picks, by cross-fitted NLL inside val_calib (stratified folds), among identity,
    temperature, platt, beta and isotonic (binary) or identity and temperature (multi-class); or it is fixed.
-   The chosen method is then refitted on all of val_calib.
+   Binary (BINARY_RULE): 10 repeats of stratified 5-fold cross-fitting, then the simplest method in
+   SIMPLICITY_ORDER (identity < temperature < platt < beta < isotonic) whose mean per-image NLL excess over the
+   lowest-NLL method is within one paired standard error: a more complex map must be significantly better.
+   The rule was chosen by regret on held-out data (bench/calibration_choice.py). Multi-class (MULTICLASS_RULE):
+   the lowest NLL of one 5-fold cross-fitting, unchanged. `selection` in calibration.json (the bundle's
+   decision.calibration_selection) records the rule, every candidate's mean / std of fold NLL and its paired
+   excess over the best, and why the winner won. The chosen method is then refitted on all of val_calib.
 2. Metrics: ECE (15 equal-width and equal-mass bins), MCE, Brier, NLL, accuracy before and after, on val_calib
    (after = cross-fitted) and val_test; a reliability diagram (reliability.png, and reliability.html with the
    diagram inlined and the key figures: the page the component publishes as its HTML output for the Kubeflow UI).
@@ -17,6 +23,8 @@
    is the fallback) with the conformal config attached to abstentions.
 """
 
+from __future__ import annotations
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +36,7 @@ from visionpipe.phases.calibrators_fit import fit_calibrator
 from visionpipe.phases.conformal import ScrcFit, evaluate_conformal, fit_conformal, fit_scrc, scrc_report
 from visionpipe.phases.report import Table, html_page
 from visionpipe.serving.calibrators import CALIBRATION_METHODS, Calibrator
-from visionpipe.serving.metrics import FloatArray, IntArray, calibration_bins, calibration_report, nll, softmax
+from visionpipe.serving.metrics import FloatArray, IntArray, calibration_bins, calibration_report, softmax
 from visionpipe.serving.policies import (
     CONFORMAL_METHODS,
     ConformalConfig,
@@ -86,11 +94,20 @@ class CalibrationResult:
     conformal_val_test: dict[str, dict[str, float]]  # score -> coverage, set sizes
     scrc: ScrcFit
     scrc_reports: dict[str, dict[str, float]]  # split -> report
-    method: str
-    requested_method: str
-    cv_nll: dict[str, float]
-    seed: int
+    selection: Selection
     notes: tuple[str, ...]
+
+    @property
+    def method(self) -> str:
+        return self.selection.method
+
+    @property
+    def requested_method(self) -> str:
+        return self.selection.requested
+
+    @property
+    def cv_nll(self) -> dict[str, float]:
+        return self.selection.cv.mean_nll()
 
     def to_json_dict(self) -> dict[str, object]:
         return {
@@ -102,13 +119,7 @@ class CalibrationResult:
                 "val_test": self.conformal_val_test,
                 "scrc": {"fit": self.scrc.to_dict(), **self.scrc_reports},
             },
-            "selection": {
-                "method": self.method,
-                "requested": self.requested_method,
-                "cv_nll": self.cv_nll,
-                "folds": CV_FOLDS,
-                "seed": self.seed,
-            },
+            "selection": self.selection.to_dict(),
             "notes": list(self.notes),
         }
 
@@ -134,7 +145,8 @@ def run(
     test_logits, test_labels = load_logits(logits_dir, "val_test")
     sweep_policy = load_threshold_policy(threshold_dir)
 
-    chosen, cv_nll = select_method(meta, calib_logits, calib_labels, params)
+    selection = select_method(meta, calib_logits, calib_labels, params)
+    chosen = selection.method
     calibrator = fit_calibrator(chosen, len(meta.classes), calib_logits, calib_labels, meta.positive_index)
     cross_fitted = cross_fit_probabilities(chosen, meta, calib_logits, calib_labels, seed)
 
@@ -169,10 +181,7 @@ def run(
             "val_calib": scrc_report(scrc.policy, cal_calib, calib_labels),
             "val_test": scrc_report(scrc.policy, cal_test, test_labels),
         },
-        method=chosen,
-        requested_method=calibration_method,
-        cv_nll=cv_nll,
-        seed=seed,
+        selection=selection,
         notes=(carry_note,) + (() if scrc.feasible else ("scrc infeasible at this n: every image abstains",)),
     )
     write_outputs(result, (raw_calib, cross_fitted, calib_labels), (raw_test, cal_test, test_labels), out_dir)
@@ -194,31 +203,280 @@ def candidate_methods(n_classes: int) -> tuple[str, ...]:
     return CALIBRATION_METHODS if n_classes == 2 else MULTICLASS_METHODS
 
 
-def select_method(
-    meta: LogitsMeta, logits: FloatArray, labels: IntArray, params: CalibrationParams
-) -> tuple[str, dict[str, float]]:
-    """(method, cross-fitted NLL per candidate); a fixed method is validated and scored alone."""
-    candidates = candidate_methods(len(meta.classes))
+def select_method(meta: LogitsMeta, logits: FloatArray, labels: IntArray, params: CalibrationParams) -> Selection:
+    """The method to fit and how it was chosen: `auto` applies BINARY_RULE (K = 2) or MULTICLASS_RULE to the
+    cross-fitted losses of the task's candidates; a fixed method is validated and scored alone."""
+    n_classes = len(meta.classes)
+    candidates = candidate_methods(n_classes)
     if params.calibration_method != "auto":
         if params.calibration_method not in candidates:
             raise CalibrationPhaseError(
-                f"calibration_method={params.calibration_method!r} is not available for K={len(meta.classes)}; "
+                f"calibration_method={params.calibration_method!r} is not available for K={n_classes}; "
                 f"allowed: {candidates}"
             )
+        rule = FIXED_RULE
         candidates = (params.calibration_method,)
-    scores = {m: nll(cross_fit_probabilities(m, meta, logits, labels, params.seed), labels) for m in candidates}
-    return min(candidates, key=lambda m: (scores[m], candidates.index(m))), scores
+    else:
+        rule = BINARY_RULE if n_classes == 2 else MULTICLASS_RULE
+    # Hundreds of fits of 1-3 parameters: scipy's L-BFGS-B calls BLAS on tiny arrays, where BLAS threads only
+    # contend (one bench/calibration_choice.py split, n=200: 3.6 s with the default threads, 0.6 s with one, on
+    # 2 cores at load 3.8). threadpoolctl is scikit-learn's own dependency.
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # threadpoolctl ships no types
+
+    with threadpool_limits(1):
+        cv = cross_fit_losses(
+            candidates, n_classes, meta.positive_index, logits, labels, params.seed, rule.n_folds, rule.repeats
+        )
+    method, reason = (candidates[0], "requested") if rule is FIXED_RULE else rule.choose(cv)
+    return Selection(method, params.calibration_method, rule, cv, reason, params.seed)
 
 
 def cross_fit_probabilities(
     method: str, meta: LogitsMeta, logits: FloatArray, labels: IntArray, seed: int
 ) -> FloatArray:
     """Out-of-fold calibrated probabilities: each fold is predicted by a calibrator fitted on the others."""
+    return _cross_fit(method, len(meta.classes), meta.positive_index, logits, labels, _folds(labels, seed))
+
+
+def _cross_fit(
+    method: str,
+    n_classes: int,
+    positive_index: int,
+    logits: FloatArray,
+    labels: IntArray,
+    splits: list[tuple[IntArray, IntArray]],
+) -> FloatArray:
     out = np.empty(logits.shape, dtype=np.float64)
-    for train_idx, test_idx in _folds(labels, seed):
-        cal = fit_calibrator(method, len(meta.classes), logits[train_idx], labels[train_idx], meta.positive_index)
+    for train_idx, test_idx in splits:
+        cal = fit_calibrator(method, n_classes, logits[train_idx], labels[train_idx], positive_index)
         out[test_idx] = cal.probabilities(logits[test_idx])
     return out
+
+
+# ------------------------------------------------------------------------------------ method selection
+# The order of simplicity the rules prefer, simplest first, by nesting and number of fitted parameters:
+# identity (0) is temperature at T = 1; temperature (1, softmax(z / T)) is platt at a = 1 / T, b = 0; platt
+# (2, sigmoid(a d + b)) is beta at a = b (ln s - ln(1 - s) = d); beta has 3; isotonic (a free non-decreasing
+# step map, up to one step per image) comes last. Multi-class tasks have identity < temperature only.
+SIMPLICITY_ORDER = CALIBRATION_METHODS
+_NLL_EPS = 1e-12  # the clip of visionpipe.serving.metrics.nll
+
+
+@dataclass(frozen=True, eq=False)
+class CvLosses:
+    """Out-of-fold NLL of each image under each candidate over `repeats` stratified k-fold splits (repeat r
+    draws its folds with seed + r): sample_nll[r, j, i] is image i's NLL under methods[j] fitted without i's fold."""
+
+    methods: tuple[str, ...]
+    sample_nll: FloatArray  # (repeats, methods, n)
+    folds: IntArray  # (repeats, n): the fold of each image in each repeat
+    n_folds: int
+
+    def fold_nll(self) -> FloatArray:
+        """(methods, repeats * n_folds): the mean NLL on each held-out fold."""
+        repeats = self.sample_nll.shape[0]
+        out = np.empty((len(self.methods), repeats * self.n_folds), dtype=np.float64)
+        for r in range(repeats):
+            for f in range(self.n_folds):
+                out[:, r * self.n_folds + f] = self.sample_nll[r][:, self.folds[r] == f].mean(axis=1)
+        return out
+
+    def mean_nll(self) -> dict[str, float]:
+        """The cross-fitted NLL of each method, averaged over images and repeats."""
+        return {m: float(v) for m, v in zip(self.methods, self.sample_nll.mean(axis=(0, 2)), strict=True)}
+
+    def lowest(self) -> str:
+        """The method with the lowest cross-fitted NLL (ties: the simpler in SIMPLICITY_ORDER)."""
+        means = self.mean_nll()
+        return min(self.methods, key=lambda m: (means[m], SIMPLICITY_ORDER.index(m)))
+
+    def paired(self, method: str, reference: str) -> tuple[float, float]:
+        """Mean and standard error of NLL(method) - NLL(reference) per image, each image's losses first averaged
+        over the repeats (n paired differences on the same images and folds)."""
+        i, j = self.methods.index(method), self.methods.index(reference)
+        d = (self.sample_nll[:, i, :] - self.sample_nll[:, j, :]).mean(axis=0)
+        se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+        return float(np.mean(d)), se
+
+
+def cross_fit_losses(
+    methods: tuple[str, ...],
+    n_classes: int,
+    positive_index: int,
+    logits: FloatArray,
+    labels: IntArray,
+    seed: int,
+    n_folds: int = CV_FOLDS,
+    repeats: int = 1,
+) -> CvLosses:
+    """Per-image out-of-fold NLL of each method over `repeats` stratified `n_folds`-fold splits."""
+    n = len(labels)
+    sample = np.empty((repeats, len(methods), n), dtype=np.float64)
+    folds = np.empty((repeats, n), dtype=np.int64)
+    rows = np.arange(n)
+    used_folds = n_folds
+    for r in range(repeats):
+        splits = _folds(labels, seed + r, n_folds)
+        used_folds = len(splits)
+        for f, (_, test_idx) in enumerate(splits):
+            folds[r, test_idx] = f
+        for j, method in enumerate(methods):
+            probs = _cross_fit(method, n_classes, positive_index, logits, labels, splits)
+            sample[r, j] = -np.log(np.clip(probs[rows, labels], _NLL_EPS, 1.0))
+    return CvLosses(methods, sample, folds, used_folds)
+
+
+RULE_KINDS = ("fixed", "min", "one_se", "paired", "forward")
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """How `auto` turns cross-fitted losses into a method. kind: `min`, the lowest mean NLL; `one_se`, the
+    simplest method whose mean NLL is within z standard errors of the best method's fold NLLs (Hastie et al.,
+    ESL 7.10); `paired`, the simplest method whose mean per-image NLL excess over the best is within z paired
+    standard errors, i.e. a more complex map must be significantly better to be chosen."""
+
+    name: str
+    kind: str
+    n_folds: int = CV_FOLDS
+    repeats: int = 1
+    z: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in RULE_KINDS:
+            raise CalibrationPhaseError(f"rule kind={self.kind!r} is not one of {RULE_KINDS}")
+        if self.n_folds < 2 or self.repeats < 1 or self.z < 0:
+            raise CalibrationPhaseError(
+                f"rule {self.name!r}: n_folds={self.n_folds} must be >= 2, repeats={self.repeats} >= 1, z={self.z} >= 0"
+            )
+
+    def describe(self) -> str:
+        cv = f"{self.repeats} x stratified {self.n_folds}-fold cross-fitting on val_calib"
+        if self.kind == "fixed":
+            return f"the requested method, scored by {cv}"
+        if self.kind == "min":
+            return f"{cv}; the lowest mean out-of-fold NLL wins (ties: the simpler)"
+        if self.kind == "one_se":
+            return f"{cv}; the simplest method within {self.z:g} SE of the best method's fold NLLs wins"
+        if self.kind == "forward":
+            return (
+                f"{cv}; starting from the simplest, step to the next more complex method whenever it beats the "
+                f"current one by more than {self.z:g} paired SE of the per-image NLL"
+            )
+        return (
+            f"{cv}; the simplest method whose per-image NLL excess over the lowest-NLL method is within "
+            f"{self.z:g} paired SE wins (a more complex map must be significantly better)"
+        )
+
+    def choose(self, cv: CvLosses) -> tuple[str, str]:
+        """(winner, why it won), preferring the simpler method in SIMPLICITY_ORDER."""
+        order = [m for m in SIMPLICITY_ORDER if m in cv.methods]
+        if self.kind == "forward":
+            return self._forward(cv, order)
+        means = cv.mean_nll()
+        best = cv.lowest()
+        lowest = f"{best} has the lowest cross-fitted NLL ({means[best]:.5f})"
+        simpler = order[: order.index(best)]
+        if self.kind in ("min", "fixed"):
+            return best, lowest
+        if not simpler:
+            return best, lowest + " and is the simplest candidate"
+        if self.kind == "one_se":
+            fold = cv.fold_nll()[cv.methods.index(best)]
+            margin = self.z * float(np.std(fold, ddof=1) / np.sqrt(len(fold)))
+            winner = next(m for m in order if means[m] <= means[best] + margin)
+            if winner == best:
+                return best, f"{lowest}; no simpler method is within {self.z:g} SE ({margin:.5f})"
+            return winner, (
+                f"{winner} ({means[winner]:.5f}) is simpler than {best} ({means[best]:.5f}, the lowest) and within "
+                f"{self.z:g} SE ({margin:.5f}) of it"
+            )
+        for m in simpler:
+            excess, se = cv.paired(m, best)
+            if excess <= self.z * se:
+                return m, (
+                    f"{m} is simpler than {best} (the lowest cross-fitted NLL) and only {excess:.5f} nats/image "
+                    f"worse, within {self.z:g} paired SE ({se:.5f})"
+                )
+        gains = ", ".join(f"{m} by {_excess_in_se(cv, m, best)}" for m in simpler)
+        return best, f"{lowest}, significantly better than every simpler method: {gains}"
+
+    def _forward(self, cv: CvLosses, order: list[str]) -> tuple[str, str]:
+        current, steps = order[0], []
+        for m in order[1:]:
+            gain, se = cv.paired(current, m)
+            if gain > self.z * se:
+                steps.append(f"{m} beats {current} by {_excess_in_se(cv, current, m)}")
+                current = m
+        if not steps:
+            return current, f"no more complex method beats {current} by more than {self.z:g} paired SE"
+        return current, "; ".join(steps)
+
+
+def _excess_in_se(cv: CvLosses, method: str, best: str) -> str:
+    excess, se = cv.paired(method, best)
+    return f"{excess:.5f} nats/image ({excess / se:.1f} paired SE)" if se > 0 else f"{excess:.5f} nats/image"
+
+
+FIXED_RULE = SelectionRule("fixed", "fixed")
+# The rules bench/calibration_choice.py compares (the names its table shows); "cv5_min" is the rule before
+# issue 16 and stays the multi-class rule.
+CANDIDATE_RULES = (
+    SelectionRule("cv5_min", "min"),
+    SelectionRule("cv10_min", "min", n_folds=10),
+    SelectionRule("cv5x10_min", "min", repeats=10),
+    SelectionRule("cv5x10_one_se", "one_se", repeats=10, z=1.0),
+    SelectionRule("cv5_paired0.5", "paired", z=0.5),
+    SelectionRule("cv5_paired1", "paired", z=1.0),
+    SelectionRule("cv5x10_paired0.5", "paired", repeats=10, z=0.5),
+    SelectionRule("cv5x10_paired1", "paired", repeats=10, z=1.0),
+    SelectionRule("cv5x10_paired2", "paired", repeats=10, z=2.0),
+    SelectionRule("cv5_forward1", "forward", z=1.0),
+)
+RULES = {rule.name: rule for rule in CANDIDATE_RULES}
+MULTICLASS_RULE = RULES["cv5_min"]
+BINARY_RULE = RULES["cv5x10_paired1"]  # chosen by bench/calibration_choice.py (README: calibrator choice)
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """What `select_method` did, recorded as calibration.json `selection` (bundle: decision.calibration_selection)."""
+
+    method: str
+    requested: str
+    rule: SelectionRule
+    cv: CvLosses
+    reason: str
+    seed: int
+
+    def to_dict(self) -> dict[str, object]:
+        fold = self.cv.fold_nll()
+        means = self.cv.mean_nll()
+        best = self.cv.lowest()
+        per_method: dict[str, dict[str, float]] = {}
+        for j, m in enumerate(self.cv.methods):
+            excess, se = self.cv.paired(m, best)
+            per_method[m] = {
+                "cv_nll": means[m],
+                "fold_nll_mean": float(fold[j].mean()),
+                "fold_nll_std": float(fold[j].std(ddof=1)) if fold.shape[1] > 1 else 0.0,
+                "excess_over_best": excess,
+                "excess_se": se if np.isfinite(se) else 0.0,
+            }
+        return {
+            "method": self.method,
+            "requested": self.requested,
+            "rule": self.rule.name,
+            "rule_description": self.rule.describe(),
+            "reason": self.reason,
+            "simplicity_order": [m for m in SIMPLICITY_ORDER if m in self.cv.methods],
+            "candidates": per_method,
+            "cv_nll": means,
+            "folds": self.cv.n_folds,
+            "repeats": int(self.cv.sample_nll.shape[0]),
+            "n_images": int(self.cv.sample_nll.shape[2]),
+            "seed": self.seed,
+        }
 
 
 def carry_threshold(
@@ -259,6 +517,8 @@ def summary_markdown(result: CalibrationResult) -> str:
         f"# Calibration: `{result.method}` (requested `{result.requested_method}`)",
         "",
         "cross-fitted NLL on val_calib: " + ", ".join(f"{m} {v:.4f}" for m, v in sorted(result.cv_nll.items())),
+        "",
+        f"rule `{result.selection.rule.name}` ({result.selection.rule.describe()}): {result.selection.reason}",
         "",
         "| split | stage | ECE | ECE (mass) | MCE | Brier | NLL | accuracy |",
         "|---|---|---|---|---|---|---|---|",
@@ -310,17 +570,17 @@ def reliability_html(result: CalibrationResult, png_path: Path) -> str:
     return html_page(title, png_path, tables, result.notes)
 
 
-def _folds(labels: IntArray, seed: int) -> list[tuple[IntArray, IntArray]]:
+def _folds(labels: IntArray, seed: int, n_folds: int = CV_FOLDS) -> list[tuple[IntArray, IntArray]]:
     from sklearn.model_selection import KFold, StratifiedKFold
 
     counts = np.bincount(labels)
     smallest = int(counts[counts > 0].min())
-    if smallest >= CV_FOLDS:
-        splitter = StratifiedKFold(n_splits=CV_FOLDS, shuffle=True, random_state=seed)
+    if smallest >= n_folds:
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         return list(splitter.split(np.zeros(len(labels)), labels))
     if len(labels) < 2:
         raise CalibrationPhaseError(f"val_calib has {len(labels)} image(s); cross-fitting needs >= 2")
-    kfold = KFold(n_splits=min(CV_FOLDS, len(labels)), shuffle=True, random_state=seed)
+    kfold = KFold(n_splits=min(n_folds, len(labels)), shuffle=True, random_state=seed)
     return list(kfold.split(np.zeros(len(labels))))
 
 

@@ -1,8 +1,12 @@
 """Conformal prediction sets and Selective Conformal Risk Control, fitted on val_calib probabilities.
 
-- Split conformal (LAC / APS / RAPS scores from ``visionpipe.serving.policies.conformal_score_matrix``): qhat is the
-  ceil((n + 1)(1 - alpha))-th smallest calibration score, so for exchangeable data
-  1 - alpha <= P(y in set) <= 1 - alpha + 1 / (n + 1) (the upper bound when scores have no ties).
+- Split conformal (LAC / APS / APS-conservative / RAPS scores from
+  ``visionpipe.serving.policies.conformal_score_matrix``): qhat is the ceil((n + 1)(1 - alpha))-th smallest
+  calibration score, so for exchangeable data 1 - alpha <= P(y in set) <= 1 - alpha + 1 / (n + 1) (the upper
+  bound when scores have no ties and the set is {score <= qhat}). ``aps`` is Romano et al.'s randomized APS,
+  with u derived from each image's probabilities (``policies.aps_u``), the same rule here and when serving;
+  ``aps-conservative`` has the same fit but a set that does not depend on u (non-randomized, it contains the
+  ``aps`` set): only the lower bound holds, it over-covers.
 - SCRC (Xu, Guo & Wei, arXiv 2512.12844), calibration-only variant SCRC-I as implemented here:
   val_calib is split at random (seeded) into a selection part and a risk part;
   1. selection: an image is selected iff its top probability >= lambda_1, lambda_1 being the empirical
@@ -14,6 +18,18 @@
      selected-set risk is <= alpha). When even zero misses cannot certify alpha at this n, lambda_2 = 1
      (every class in every set: all selected images abstain) and the fit says so.
   A selected image whose set is a singleton is decided; any other image abstains ({0}, {1} or abstain).
+
+  Empty sets (rule ``empty_set="top1"``, the default of new fits). {y : 1 - p_y <= lambda_2} is empty when
+  p_top < 1 - lambda_2; counting those as abstentions made the decision rate FALL as alpha rose (a larger alpha
+  gives a smaller lambda_2, so more empty sets). The served set is instead C(x) = {argmax p} union
+  {y : 1 - p_y <= lambda_2}: a selected image always holds its top-1 class, so an empty set becomes the top-1
+  decision. The bound stays exact because lambda_2 is calibrated on the loss of that very set:
+  1{y not in C(x)} = 1{s(x, y) > lambda_2} with s = 0 when y is the top-1 class and 1 - p_y otherwise, a
+  non-increasing step function of lambda_2 (the sets are nested in lambda_2), so the Clopper-Pearson argument
+  above applies to s unchanged. Since s <= 1 - p_y, lambda_2 can only fall compared with the ``abstain`` rule,
+  and with it the share of non-singleton sets: for fixed val_calib the decision rate is non-decreasing in alpha
+  (lambda_1 does not depend on alpha, the certified miss count grows with alpha, the sets shrink).
+  ``empty_set="abstain"`` is the previous rule (s = 1 - p_y, empty sets abstain), kept for old bundles.
 """
 
 import math
@@ -26,6 +42,7 @@ from scipy.stats import beta as beta_dist
 from visionpipe.serving.metrics import FloatArray, IntArray
 from visionpipe.serving.policies import (
     CONFORMAL_METHODS,
+    SCRC_EMPTY_SET_RULES,
     ConformalConfig,
     ScrcPolicy,
     apply_policy,
@@ -80,7 +97,10 @@ def fit_conformal(
     k_reg: int = 1,
     space: str = "calibrated",
 ) -> ConformalConfig:
-    """Split-conformal config (qhat) from labelled calibration probabilities."""
+    """Split-conformal config (qhat) from labelled calibration probabilities.
+
+    ``aps`` scores each image with its own u (``policies.aps_u`` of its probabilities), exactly as serving does.
+    """
     if method not in CONFORMAL_METHODS:
         raise ConformalError(f"conformal method={method!r} is not one of {CONFORMAL_METHODS}")
     p, y = _probs_labels(probs, labels)
@@ -117,9 +137,14 @@ def fit_scrc(
     space: str = "calibrated",
     selection_fraction: float = 0.5,
     seed: int = 0,
+    empty_set: str = "top1",
 ) -> ScrcFit:
     """SCRC-I: selection threshold for the target rate on one part of val_calib, then PAC risk control on the
-    selected images of the other part (independent of the selection threshold, so the bound is exact)."""
+    selected images of the other part (independent of the selection threshold, so the bound is exact).
+
+    ``empty_set`` is the served set rule (module docstring); lambda_2 is calibrated on that rule's own loss."""
+    if empty_set not in SCRC_EMPTY_SET_RULES:
+        raise ConformalError(f"empty_set={empty_set!r} is not one of {SCRC_EMPTY_SET_RULES}")
     p, y = _probs_labels(probs, labels)
     _check_level("alpha", alpha)
     _check_level("delta", delta)
@@ -133,7 +158,10 @@ def fit_scrc(
     n_target = math.ceil(target_selection_rate * len(first) - 1e-12)
     selection_threshold = 0.0 if target_selection_rate >= 1.0 else float(conf_first[n_target - 1])
     chosen = second[p[second].max(axis=1) >= selection_threshold]
-    losses = np.sort(1.0 - p[chosen, y[chosen]])  # miss iff loss > set_threshold
+    losses = 1.0 - p[chosen, y[chosen]]  # miss iff loss > set_threshold
+    if empty_set == "top1":  # the top-1 class is always in the set: never a miss (policies.scrc_sets)
+        losses[p[chosen].argmax(axis=1) == y[chosen]] = 0.0
+    losses = np.sort(losses)
     n_sel = len(losses)
     max_misses = _max_certified_misses(n_sel, alpha, delta)
     feasible = max_misses >= 0
@@ -145,6 +173,7 @@ def fit_scrc(
         delta=delta,
         target_selection_rate=target_selection_rate,
         space=space,
+        empty_set=empty_set,
     )
     risk = float(np.mean(losses > policy.set_threshold)) if n_sel else 0.0
     return ScrcFit(policy, len(first), len(second), n_sel, max_misses, risk, feasible)

@@ -8,7 +8,10 @@ Outputs (see DESIGN.md, contracts):
   history, split fingerprints.
 - ``logits_dir/val_calib.npz`` and ``logits_dir/val_test.npz`` (``logits`` float32 (N, K), ``labels``
   int64) and ``logits_dir/meta.json``, computed in fp32 from the exact weights saved in model.safetensors,
-  reloaded into a fresh model, through `visionpipe.serving.preprocessing.to_model_input`.
+  reloaded into a fresh model, through `visionpipe.serving.views.predict_rows` (the shared preprocessing; with
+  ``preprocess.views`` each image's global view + tiles in one forward pass, aggregated to log-probabilities,
+  the code bundle_validation and the served predictor run). Training and the per-epoch val_select selection use
+  the global view only (`to_model_input`), views or not.
 - ``checkpoint_dir``: after every epoch a resumable state (model, optimizer, EMA, schedule position,
   history, best weights) in safetensors + JSON (never pickle). A rerun on the same checkpoint_dir resumes
   after the last completed epoch and gives the same result as an uninterrupted run: the data order,
@@ -32,7 +35,7 @@ from visionpipe.data.datasets import SplitData, load_dataset, write_json
 from visionpipe.data.logits import LOGIT_SPLITS
 from visionpipe.serving.metrics import mcc
 from visionpipe.serving.models import VisionClassifier, build_model, load_weights, save_weights
-from visionpipe.serving.preprocessing import to_model_input
+from visionpipe.serving.views import predict_rows
 from visionpipe.specs import ArchSpec, PreprocessSpec
 from visionpipe.specs.resolve import resolve_arch, resolve_preprocess
 from visionpipe.training.augment import black_level
@@ -106,6 +109,9 @@ def run(
         f"supervised_train: {recipe.name} ({arch.name}, {trainable_summary(loop.model)}) on {dev.type}; "
         f"train {len(train.labels)} / val_select {len(select.labels)} images; select by {metric_name}"
     )
+    note = views_resolution_note(preprocess, ds.image_shape)
+    if note:
+        log(f"supervised_train: {note}")
 
     def phase_log(message: str) -> None:
         log(f"supervised_train: {message}")
@@ -142,6 +148,25 @@ def run(
     )
 
 
+def views_resolution_note(preprocess: PreprocessSpec, image_shape: tuple[int, int, int]) -> str:
+    """A warning when multi-view tiles would be cut from stored images too small for them ('' otherwise).
+
+    The Dataset stores every image at data_fetch's ``image_size``; the val_calib / val_test logits cut their
+    tiles from those stored images, while a served upload is tiled at its own resolution. Below
+    ``views.required_side(size)`` the validated tiles are upsampled and hold less detail than served ones."""
+    if preprocess.views is None:
+        return ""
+    need = preprocess.views.required_side(preprocess.size)
+    have = min(image_shape[0], image_shape[1])
+    if have >= need:
+        return ""
+    return (
+        f"preprocess.views ({preprocess.views.signature}) tiles the stored {image_shape[0]}x{image_shape[1]} "
+        f"images, but each tile needs a {need}-pixel source side to hold {preprocess.size} pixels; run "
+        f"data_fetch with image_size={need} (or more) so validated tiles match served ones"
+    )
+
+
 def selection_metric_name(recipe: Recipe, num_classes: int) -> str:
     """``mcc`` for binary tasks and ``accuracy`` otherwise, unless the recipe names one."""
     chosen = recipe.early_stopping.metric
@@ -175,18 +200,23 @@ def predict_logits(
     preprocess: PreprocessSpec,
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    positive_index: int = 1,
 ) -> FloatArray:
-    """fp32 logits (N, K) of uint8 NHWC images through the shared preprocessing; puts `model` in eval mode."""
+    """fp32 logits (N, K) of uint8 NHWC images through the shared preprocessing; puts `model` in eval mode.
+
+    Without views: the model's raw logits. With ``preprocess.views``: each image's views in one forward pass,
+    aggregated to log-probabilities (`visionpipe.serving.views.aggregate_views`; `positive_index` is the binary
+    task's positive class), exactly what `BundleModel.predict_images` computes."""
+    if len(images) == 0:
+        raise TrainError("predict_logits got no images")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
-    out: list[FloatArray] = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = to_model_input(np.asarray(images[start : start + batch_size]), preprocess).to(dev)
-            out.append(model(x).float().cpu().numpy())
-    if not out:
-        raise TrainError("predict_logits got no images")
-    return np.concatenate(out).astype(np.float32)
+
+    def forward(x: torch.Tensor) -> FloatArray:
+        with torch.no_grad():
+            return np.asarray(model(x.to(dev)).float().cpu().numpy(), dtype=np.float32)
+
+    return predict_rows(forward, images, preprocess, positive_index, batch_size).astype(np.float32)
 
 
 def _predict_inputs(model: nn.Module, inputs: ModelInputs, batch_size: int, device: torch.device) -> FloatArray:
@@ -299,9 +329,10 @@ def write_logits(
     logits_dir.mkdir(parents=True, exist_ok=True)
     accuracy: dict[str, float] = {}
     model = model.to("cpu") if device.type != "cpu" else model
+    positive = ds.positive_index if ds.positive_index is not None else 1  # as the logits meta reads it
     for name in LOGIT_SPLITS:
         split = ds.split(name, "evaluate")
-        logits = predict_logits(model, split.images, preprocess, batch_size, "cpu")
+        logits = predict_logits(model, split.images, preprocess, batch_size, "cpu", positive)
         np.savez(logits_dir / f"{name}.npz", logits=logits, labels=split.labels.astype(np.int64))
         accuracy[name] = float(np.mean(logits.argmax(axis=1) == split.labels))
     write_json(logits_dir / "meta.json", {"classes": list(ds.classes), "positive_class": ds.positive_class})

@@ -72,7 +72,7 @@ from visionpipe.serving.models import (
     state_dict_bytes,
 )
 from visionpipe.serving.policies import DecisionPolicy, Decisions, PolicyError, apply_policy, policy_from_dict
-from visionpipe.serving.preprocessing import to_model_input
+from visionpipe.serving.views import aggregate_views, predict_rows
 from visionpipe.specs import ArchSpec, ArchSpecError, PreprocessError, PreprocessSpec
 
 SCHEMA_VERSION = 1
@@ -576,13 +576,27 @@ class BundleModel:
         probs = torch.stack([torch.softmax(m(x).double(), dim=1) for m in self.models]).mean(0)
         return np.asarray(torch.log(probs.clamp_min(1e-300)).numpy(), dtype=np.float64)
 
+    @property
+    def positive_index(self) -> int:
+        """The positive class's index (binary tasks; classes[1] when the bundle names none, as the logits
+        artifact reads it), which multi-view aggregation pools on."""
+        bundle = self.bundle
+        return bundle.classes.index(bundle.positive_class) if bundle.positive_class is not None else 1
+
+    def aggregate(self, view_log_probs: FloatArray) -> FloatArray:
+        """Per-view log-probabilities -> one row per image (identity without views; visionpipe/serving/views.py)."""
+        return aggregate_views(view_log_probs, self.bundle.preprocess, self.positive_index)
+
     def predict_images(self, images: npt.NDArray[np.uint8], batch_size: int = 256) -> Prediction:
-        """uint8 NHWC images -> raw and calibrated probabilities and the policy's decisions."""
-        parts = [
-            self.log_probs(to_model_input(images[i : i + batch_size], self.bundle.preprocess))
-            for i in range(0, len(images), batch_size)
-        ]
-        return self.decide(np.concatenate(parts) if parts else np.zeros((0, len(self.bundle.classes))))
+        """uint8 NHWC images -> raw and calibrated probabilities and the policy's decisions.
+
+        Through `visionpipe.serving.views.predict_rows`, the code supervised_train's logits and the served
+        predictor use: the shared preprocessing, and with views each image's global view + tiles in one forward
+        pass, aggregated in log-probability space."""
+        if len(images) == 0:
+            return self.decide(np.zeros((0, len(self.bundle.classes))))
+        spec = self.bundle.preprocess
+        return self.decide(predict_rows(self.log_probs, images, spec, self.positive_index, batch_size))
 
     def probabilities(self, log_probs: FloatArray) -> tuple[FloatArray, FloatArray]:
         """(raw softmax, calibrated) probabilities of ensemble log-probabilities."""

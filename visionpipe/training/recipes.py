@@ -31,7 +31,7 @@ from visionpipe.specs.checks import SpecError
 from visionpipe.specs.checks import in_range as _spec_in_range
 from visionpipe.specs.checks import one_of as _spec_one_of
 from visionpipe.specs.peft import METHODS, PeftChoice
-from visionpipe.specs.preprocess import KINDS
+from visionpipe.specs.preprocess import KINDS, ViewsSpec
 from visionpipe.specs.registry import ARCHITECTURES, TRANSFORMERS
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -199,13 +199,15 @@ PeftRecipe = PeftChoice
 @dataclass(frozen=True)
 class PreprocessRecipe:
     """The `visionpipe.serving.preprocessing.PreprocessSpec` a recipe chooses. channels: 1 | 3 | 0 (= the data's
-    channels). A single mean / std value is repeated for every channel."""
+    channels). A single mean / std value is repeated for every channel. views: multi-view inference (global view
+    + tiles, `visionpipe.specs.preprocess.ViewsSpec`), off when absent."""
 
     kind: str = "standard"
     channels: int = 0
     size: int = 28
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
+    views: ViewsSpec | None = None
 
     def __post_init__(self) -> None:
         _one_of("preprocess.kind", self.kind, PREPROCESS_KINDS)
@@ -268,8 +270,14 @@ class Recipe:
             )
 
     def to_dict(self) -> dict[str, object]:
-        """Plain JSON/YAML-ready mapping (tuples become lists)."""
-        return _plain(asdict(self))  # type: ignore[return-value]
+        """Plain JSON/YAML-ready mapping (tuples become lists). `preprocess.views` is left out while off, so the
+        recipes written before views existed keep their content hash."""
+        payload = _plain(asdict(self))
+        assert isinstance(payload, dict)
+        preprocess = payload.get("preprocess")
+        if isinstance(preprocess, dict) and preprocess.get("views") is None:
+            preprocess.pop("views", None)
+        return payload
 
     @classmethod
     def from_dict(cls, payload: Mapping[str, object]) -> Recipe:
@@ -397,8 +405,11 @@ def _convert(name: str, value: object, hint: object) -> object:
         return _build(hint, value, name + ".")
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:  # an optional section written as `null`: off
+            return None
         errors = []
-        for option in typing.get_args(hint):
+        for option in (o for o in options if o is not type(None)):
             try:
                 return _convert(name, value, option)
             except RecipeError as exc:
