@@ -63,6 +63,7 @@ def test_pipeline_end_to_end_exports_to_s3_and_loads_back(
 
 
 @pytest.mark.slow
+@pytest.mark.long  # `make test-long` (run by .ci/run): keeps `make test` within its 15 minutes
 def test_failed_quality_gate_stops_the_pipeline_before_export(
     small_folder: Path, s3_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -120,7 +120,7 @@ def test_conversion_is_idempotent_and_repairs_a_corrupt_cache(converted: Path) -
     weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
     assert P.imagenet_backbone(LITE0) == converted
     meta = json.loads((converted / BACKBONE_META_FILE).read_text())
-    assert meta["safetensors_sha256"] == P._sha256(weights)  # converted again
+    assert meta["safetensors_sha256"] == P.sha256_file(weights)  # converted again
     assert [p.name for p in converted.parent.iterdir() if p.name.startswith(".")] == []  # no temporary left
 
 

@@ -162,6 +162,7 @@ def _champion_score(report: str) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # `make test-long` (run by .ci/run): keeps `make test` within its 15 minutes
 def test_two_months_give_two_bundles_the_second_gated_against_the_first(
     month_prefix: Path, candidate: Path, s3_bucket: str, tmp_path: Path
 ) -> None:

