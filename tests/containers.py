@@ -20,14 +20,14 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from visionpipe.harness import answers_ok
 
 if TYPE_CHECKING:
     import docker
@@ -232,12 +232,8 @@ def wait_ready(container: Container, url: str, timeout_s: float) -> None:
         state = podman("inspect", "--format", "{{.State.Running}}", container.id, timeout_s=30).stdout.strip()
         if state == "false":
             raise AssertionError(f"container {container.id[:12]} exited before {url} was ready:\n{container.logs()}")
-        with (
-            contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError, OSError),
-            urllib.request.urlopen(url, timeout=1.0) as answer,
-        ):
-            if answer.status == 200:
-                return
+        if answers_ok(url):
+            return
         time.sleep(0.25)
     raise AssertionError(f"{url} not ready after {timeout_s:.0f} s:\n{container.logs()}")
 

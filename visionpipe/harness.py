@@ -104,6 +104,17 @@ def start_server(
     return server
 
 
+def answers_ok(url: str, timeout_s: float = 1.0) -> bool:
+    """One probe: does `url` answer HTTP 200 within `timeout_s`? (Refused, reset, timed out or any other status:
+    False.) The readiness loops here and in tests/containers.py poll with it."""
+    with (
+        contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError, OSError),
+        urllib.request.urlopen(url, timeout=timeout_s) as answer,
+    ):
+        return bool(answer.status == 200)
+    return False
+
+
 def wait_until_ready(server: ServerProcess, ready_path: str, timeout_s: float) -> None:
     url = f"{server.base_url}{ready_path}"
     deadline = time.monotonic() + timeout_s
@@ -113,12 +124,8 @@ def wait_until_ready(server: ServerProcess, ready_path: str, timeout_s: float) -
                 f"server {list(server.argv)} exited with {server.process.returncode} before "
                 f"{url} was ready; log tail:\n{server.log_tail()}"
             )
-        with (
-            contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError, OSError),
-            urllib.request.urlopen(url, timeout=1.0) as answer,
-        ):
-            if answer.status == 200:
-                return
+        if answers_ok(url):
+            return
         time.sleep(0.1)
     raise ServerStartError(f"{url} not ready after {timeout_s:.0f} s; log tail:\n{server.log_tail()}")
 
