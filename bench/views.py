@@ -14,6 +14,10 @@ The bench checks on a few images that this equals `evaluate_views(model, spec, i
 (`threshold_sweep.exact_sweep` / `choose_binary`), the aggregation is chosen on val_select by MCC at its val_calib
 threshold, and val_test only reports (MCC with a 1000-resample bootstrap 95 % interval, accuracy).
 
+Rows ``learned`` and ``auto`` are the recipe settings ``preprocess.views.aggregate: learned`` / ``auto``, resolved by
+supervised_train's own `choose_views` on val_select's per-view log-probabilities (learned: the weights fitted on
+val_select; auto: its cross-fitted log-loss rule, `supervised_train.VIEWS_RULE`), exactly as the pipeline does.
+
     .venv/bin/python bench/views.py [--seeds 6] [--budget-minutes 40]
 
 Last line: views_mcc_test global=<mean> chosen=<mean> <method>=<mean> ... (means over seeds)
@@ -38,10 +42,11 @@ sys.path.insert(0, str(ROOT))
 
 from visionpipe.data.datasets import SPLITS, content_hash  # noqa: E402
 from visionpipe.phases.data_fetch import DEFAULT_RATIOS, assign_splits, read_source  # noqa: E402
+from visionpipe.phases.supervised_train import choose_views  # noqa: E402
 from visionpipe.phases.threshold_sweep import choose_binary, exact_sweep, parse_objective  # noqa: E402
 from visionpipe.serving import metrics as M  # noqa: E402
 from visionpipe.serving.views import aggregate_views, evaluate_views, model_input  # noqa: E402
-from visionpipe.specs.preprocess import PreprocessSpec, ViewsSpec  # noqa: E402
+from visionpipe.specs.preprocess import PreprocessSpec, ViewsChoice, ViewsSpec  # noqa: E402
 
 SOURCE = ROOT.parent / "shared" / "datasets" / "roadwork-tracon"
 OUT = ROOT / "bench" / "out"
@@ -55,6 +60,9 @@ METHODS: dict[str, ViewsSpec | None] = {
     "top5_mean": replace(GRID, aggregate="topk_mean", k=5),
     "mean": replace(GRID, aggregate="mean"),
 }
+# the recipe-level settings supervised_train resolves on val_select (rows `learned` and `auto`)
+CHOICE = ViewsChoice(grid=GRID.grid, overlap=GRID.overlap, aggregate="auto")
+ROWS = (*METHODS, "learned", "auto")
 FloatArray = npt.NDArray[np.float64]
 
 
@@ -160,6 +168,9 @@ class SeedResult:
     sizes: dict[str, int]
     chosen_on_val_select: str
     methods: dict[str, dict[str, float]] = field(default_factory=dict)
+    auto_chosen: str = ""  # what `aggregate: auto` resolved to (supervised_train.choose_views)
+    auto_candidates: dict[str, dict[str, float]] = field(default_factory=dict)  # their held-out val_select NLL
+    learned_weights: list[float] = field(default_factory=list)  # `aggregate: learned` fitted on val_select
 
 
 def evaluate_seed(
@@ -168,13 +179,21 @@ def evaluate_seed(
     part = {name: np.flatnonzero(split == k) for k, name in enumerate(SPLITS)}
     w, b = fit_head(feats[part["train"], 0], labels[part["train"]])
     objective = parse_objective("mcc")
+    per_view_rows = {}
+    for name in ("val_select", "val_calib", "val_test"):
+        s = feats[part[name]].reshape(-1, feats.shape[2]).astype(np.float64) @ w + b
+        per_view_rows[name] = np.stack([np.zeros_like(s), s], axis=1)  # (N * V, 2) logits, image-major
+    # learned and auto: supervised_train's own functions on val_select's per-view log-probabilities
+    select_log_probs = M.log_softmax(per_view_rows["val_select"]).reshape(-1, GRID.count, 2)
+    select_labels = labels[part["val_select"]]
+    resolved = {
+        method: choose_views(select_log_probs, select_labels, replace(CHOICE, aggregate=method), positive_index=1)
+        for method in ("learned", "auto")
+    }
+    methods = {**METHODS, **{method: sel.views for method, sel in resolved.items()}}
     rows: dict[str, dict[str, float]] = {}
-    for method, views in METHODS.items():
-        probs = {}
-        for name in ("val_select", "val_calib", "val_test"):
-            idx = part[name]
-            s = feats[idx].reshape(-1, feats.shape[2]).astype(np.float64) @ w + b
-            probs[name] = positive_probability(np.stack([np.zeros_like(s), s], axis=1), views)
+    for method, views in methods.items():
+        probs = {name: positive_probability(per_view_rows[name], views) for name in per_view_rows}
         curve = exact_sweep(probs["val_calib"], labels[part["val_calib"]] == 1)
         threshold = float(curve.threshold[choose_binary(curve, objective)])
         result = {"threshold": threshold}
@@ -191,7 +210,16 @@ def evaluate_seed(
     # chosen on val_select: the best MCC, ties (frequent on ~50 images) broken by the lower val_select log-loss;
     # the global view alone is a candidate too
     chosen = min(METHODS, key=lambda m: (-rows[m]["val_select_mcc"], rows[m]["val_select_nll"]))
-    return SeedResult(seed, {k: len(v) for k, v in part.items()}, chosen, rows)
+    auto = resolved["auto"]
+    return SeedResult(
+        seed,
+        {k: len(v) for k, v in part.items()},
+        chosen,
+        rows,
+        auto_chosen=auto.chosen,
+        auto_candidates=auto.candidates,
+        learned_weights=list(resolved["learned"].views.weights) if resolved["learned"].views else [],
+    )
 
 
 def main() -> None:
@@ -204,7 +232,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     side = GRID.required_side(BASE.size)
     started = time.perf_counter()
-    items, bad = read_source(str(SOURCE), side)
+    items, bad, _native_sizes = read_source(str(SOURCE), side)
     classes = sorted({it.class_name for it in items})
     images = np.stack([it.image if it.image.shape[2] == 3 else np.repeat(it.image, 3, axis=2) for it in items])
     labels = np.asarray([classes.index(it.class_name) for it in items], dtype=np.int64)
@@ -253,14 +281,27 @@ def main() -> None:
     for r in results:
         for method, m in r.methods.items():
             mark = " (chosen)" if method == r.chosen_on_val_select else ""
+            mark += f" (= {r.auto_chosen})" if method == "auto" else ""
             print(
                 f"| {r.seed} | {method}{mark} | {m['threshold']:.3f} | {m['val_select_mcc']:.3f} | "
                 f"{m['val_select_nll']:.3f} | "
                 f"{m['val_test_mcc']:.3f} [{m['val_test_mcc_low']:.3f}, {m['val_test_mcc_high']:.3f}] | "
                 f"{m['val_test_accuracy']:.3f} |"
             )
-    means = {method: float(np.mean([r.methods[method]["val_test_mcc"] for r in results])) for method in METHODS}
+    means = {method: float(np.mean([r.methods[method]["val_test_mcc"] for r in results])) for method in ROWS}
     chosen = float(np.mean([r.methods[r.chosen_on_val_select]["val_test_mcc"] for r in results]))
+    print("| inference | val_test MCC (mean) | val_select NLL (mean) |")
+    print("|---|---|---|")
+    for method in ROWS:
+        nll = float(np.mean([r.methods[method]["val_select_nll"] for r in results]))
+        print(f"| {method} | {means[method]:.3f} | {nll:.3f} |")
+    print(f"| chosen on val_select by MCC | {chosen:.3f} | |")
+    picks = ", ".join(f"seed {r.seed}: {r.auto_chosen}" for r in results)
+    print(f"auto chose: {picks}")
+    for r in results:
+        cv = ", ".join(f"{k} {v['nll']:.4f}" for k, v in r.auto_candidates.items())
+        print(f"seed {r.seed} auto candidates (held-out val_select log-loss): {cv}")
+        print(f"seed {r.seed} learned weights: {[round(w, 3) for w in r.learned_weights]}")
     print(
         f"views_mcc_test seeds={len(results)} global={means['global']:.4f} chosen={chosen:.4f} "
         + " ".join(f"{k}={v:.4f}" for k, v in means.items() if k != "global")

@@ -263,7 +263,7 @@ def test_collected_folder_is_read_by_data_fetch(tmp_path: Path) -> None:
             storage.write_bytes(storage.join(prefix, "2025-05", "labelled", cls, f"{i}.png"), png_bytes(digit(i)))
     out = tmp_path / "data"
     assert collect_labelled(prefix, ["2025-05"], out) == {"0": 3, "1": 3}
-    items, bad = read_source(str(out), image_size=28)
+    items, bad, _sizes = read_source(str(out), 28)
     assert not bad and sorted({it.class_name for it in items}) == ["0", "1"] and len(items) == 6
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -44,7 +45,9 @@ from visionpipe.serving.views import (
     views_input,
 )
 from visionpipe.specs import ArchSpec, PreprocessError, PreprocessSpec
-from visionpipe.specs.preprocess import ViewsSpec
+from visionpipe.specs.preprocess import ViewsChoice, ViewsSpec
+from visionpipe.specs.resolve import pending_views, resolve_preprocess
+from visionpipe.training.recipes import RecipeError, load_recipe
 
 tritonhttp = pytest.importorskip("tritonclient.http")
 
@@ -286,9 +289,25 @@ def test_signature_names_the_views_and_is_unchanged_without_them() -> None:
         ({"aggregate": "max", "k": 2}, "k=2 applies only to aggregate='topk_mean'"),
         (
             {"tiles": 9},
-            r"unknown preprocess.views fields \['tiles'\]; allowed: \['aggregate', 'grid', 'k', 'overlap'\]",
+            r"unknown preprocess.views fields \['tiles'\]; allowed: \['aggregate', 'grid', 'k', 'overlap', 'weights'\]",
         ),
         ("3x3", "must be a mapping with grid, overlap, aggregate"),
+        ({"aggregate": "learned"}, r"weights has 0 values; aggregate='learned' needs 10 \(one per view"),
+        ({"aggregate": "learned", "weights": [0.5, 0.5]}, "weights has 2 values; aggregate='learned' needs 10"),
+        ({"aggregate": "learned", "weights": [-0.1] + [1.1 / 9] * 9}, r"weights\[0\]=-0.1 is not allowed; .* >= 0"),
+        ({"aggregate": "learned", "weights": [float("nan")] + [0.1] * 9}, r"weights\[0\]=nan is not allowed; allowed"),
+        ({"aggregate": "learned", "weights": [0.1] * 9 + [float("inf")]}, r"weights\[9\]=inf is not allowed"),
+        ({"aggregate": "learned", "weights": [0.1] * 9 + ["a"]}, r"weights\[9\]='a' is not allowed"),
+        ({"aggregate": "learned", "weights": [0.2] * 10}, r"weights sum to 2; they must sum to 1 \(within 0.001"),
+        (
+            {"aggregate": "learned", "weights": "uniform"},
+            "weights='uniform' must be a list of 1 \\+ grid \\* grid numbers",
+        ),
+        ({"aggregate": "mean", "weights": [0.1] * 10}, r"weights=\[0.1, .*\] applies only to aggregate='learned'"),
+        (
+            {"aggregate": "auto"},
+            "aggregate='auto' is not allowed; .*'auto' is a recipe setting: supervised_train resolves",
+        ),
     ],
 )
 def test_views_validation_names_the_field_the_value_and_the_allowed_values(views: object, message: str) -> None:
@@ -301,6 +320,170 @@ def test_views_need_the_standard_kind() -> None:
         PreprocessSpec(kind="digit-upload", views=ViewsSpec())
 
 
+# ------------------------------------------------------------------------------ learned weighting and auto
+
+
+def _learned(weights: list[float], grid: int = 3) -> ViewsSpec:
+    return ViewsSpec(grid=grid, aggregate="learned", weights=tuple(weights))
+
+
+def test_learned_weights_are_stored_rounded_and_named_by_the_signature() -> None:
+    raw = [0.1234567, 0.0765433] + [0.1] * 8
+    spec = replace(RGB, views=_learned(raw))
+    assert spec.views is not None and spec.views.weights[:2] == (0.123457, 0.076543)
+    assert re.fullmatch(
+        re.escape(RGB.signature) + r"\+views\(global\+tiles3x3,overlap0\.25,learned:[0-9a-f]{12}\)", spec.signature
+    )
+    back = PreprocessSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert back == spec and back.signature == spec.signature  # the bundle's spec round-trips exactly
+    swapped = replace(RGB, views=_learned([raw[1], raw[0], *raw[2:]]))
+    uniform = replace(RGB, views=_learned([0.1] * 10))
+    assert len({spec.signature, swapped.signature, uniform.signature, replace(RGB, views=ViewsSpec()).signature}) == 4
+    assert "weights" not in ViewsSpec(aggregate="mean").to_dict()
+
+
+@pytest.mark.parametrize("k_classes", [2, 5])
+def test_learned_is_the_weighted_mean_of_the_views_and_uniform_weights_are_mean(k_classes: int) -> None:
+    rows = _rows(12, k_classes, VIEWS, seed=9)
+    weights = np.random.default_rng(10).dirichlet(np.ones(10))
+    learned = aggregate_views(rows, replace(RGB, views=_learned(list(weights))), positive_index=0)
+    per_view = M.log_softmax(rows).reshape(12, 10, k_classes)
+    w = np.asarray(_learned(list(weights)).weights)
+    if k_classes == 2:  # the weighted positive (class 0) log-odds
+        margin = (per_view[..., 0] - per_view[..., 1]) @ (w / w.sum())
+        np.testing.assert_allclose(learned[:, 0] - learned[:, 1], margin, atol=1e-9)
+    else:
+        expected = M.log_softmax(np.einsum("nvk,v->nk", per_view, w / w.sum()))
+        np.testing.assert_allclose(learned, expected, atol=1e-9)
+    np.testing.assert_allclose(
+        aggregate_views(rows, replace(RGB, views=_learned([0.1] * 10))),
+        aggregate_views(rows, replace(RGB, views=ViewsSpec(aggregate="mean"))),
+        atol=1e-12,
+    )
+
+
+def _synthetic(
+    signal: list[int], n: int = 160, k_classes: int = 2, strength: float = 2.0, seed: int = 0
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Per-view log-probabilities (n, 10, K): every view is noise, those in `signal` also carry the label."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k_classes, n)
+    logits = rng.normal(size=(n, 10, k_classes))
+    for v in signal:
+        logits[np.arange(n), v, labels] += strength
+    return M.log_softmax(logits.reshape(-1, k_classes)).reshape(n, 10, k_classes), labels
+
+
+@pytest.mark.parametrize("k_classes", [2, 4])
+def test_learned_weights_recover_the_one_informative_tile(k_classes: int) -> None:
+    per_view, labels = _synthetic([5], k_classes=k_classes)  # view 5 = tile 4, the centre of the 3x3 grid
+    weights = np.asarray(st.fit_view_weights(per_view, labels))
+    assert weights.shape == (10,) and (weights >= 0).all() and abs(weights.sum() - 1) < 1e-5
+    assert int(weights.argmax()) == 5 and weights[5] > 3 * np.delete(weights, 5).max()
+    np.testing.assert_array_equal(weights, np.round(weights, 6))
+    # the pull toward uniform: a stronger one flattens the weights, none lets the tile take almost everything
+    flat = np.asarray(st.fit_view_weights(per_view, labels, l2=100.0))
+    assert int(flat.argmax()) == 5 and flat[5] < weights[5]
+    # the same inputs give the same weights (deterministic), and a ViewsSpec accepts them as they are
+    assert st.fit_view_weights(per_view, labels) == tuple(weights)
+    _learned(list(weights))
+
+
+def _rule_winner(candidates: dict[str, dict[str, float]]) -> str:
+    """VIEWS_RULE recomputed from the recorded scores: the simplest within one paired SE (or the tie nats)."""
+    best = min(candidates.values(), key=lambda c: c["nll"])["nll"]
+    assert all(abs(c["excess"] - (c["nll"] - best)) < 1e-9 for c in candidates.values())
+    return next(
+        name
+        for name in st.VIEW_CANDIDATES
+        if candidates[name]["excess"] <= max(candidates[name]["paired_se"], st.VIEWS_TIE_NATS)
+    )
+
+
+@pytest.mark.parametrize(
+    ("signal", "expected"),
+    [
+        ([0], "global"),  # only the global view informs: tiles only add noise
+        ([5], "learned"),  # only the centre tile informs: learned finds it, the fixed pools dilute it
+        (list(range(10)), "mean"),  # every view informs equally: learned (about uniform) ties with mean
+    ],
+)
+def test_auto_picks_what_its_rule_says(signal: list[int], expected: str) -> None:
+    per_view, labels = _synthetic(signal)
+    selection = st.choose_views(per_view, labels, ViewsChoice(aggregate="auto"))
+    assert set(selection.candidates) == set(st.VIEW_CANDIDATES)
+    assert selection.chosen == expected == _rule_winner(selection.candidates)
+    assert selection.requested == "auto" and selection.images == len(labels)
+    if expected == "global":
+        assert selection.views is None
+    else:
+        assert selection.views is not None and selection.views.aggregate == expected
+        assert (selection.views.grid, selection.views.overlap) == (3, 0.25)
+
+
+def test_auto_breaks_a_tie_toward_the_simpler_option() -> None:
+    """Every view identical: all five candidates score the same, so the simplest (the global view) wins, though
+    the exact numbers can differ in the last bits."""
+    per_view, labels = _synthetic([0], n=120)
+    same = np.repeat(per_view[:, :1], 10, axis=1)
+    selection = st.choose_views(same, labels, ViewsChoice(aggregate="auto"))
+    scores = [c["nll"] for c in selection.candidates.values()]
+    assert max(scores) - min(scores) < st.VIEWS_TIE_NATS
+    assert selection.chosen == "global" and selection.views is None
+    # with k and a 2x2 grid: the topk_mean candidate uses the recipe's k
+    small, _ = _synthetic([0], n=40)
+    selection = st.choose_views(small[:, :5], labels[:40], ViewsChoice(grid=2, aggregate="auto", k=2))
+    assert st.candidate_views(ViewsChoice(grid=2, aggregate="auto", k=2))["topk_mean"] == ViewsSpec(
+        grid=2, aggregate="topk_mean", k=2
+    )
+    # too few images of a class to cross-fit: views stay off, and the record says why
+    tiny = st.choose_views(same[:3], np.array([0, 0, 1]), ViewsChoice(aggregate="auto"))
+    assert tiny.chosen == "global" and "fewer than 2" in tiny.rule
+
+
+def test_recipe_views_auto_and_learned_are_resolved_by_supervised_train_never_stored() -> None:
+    recipe = load_recipe("digits-cnn", {"preprocess.views": {"grid": 3, "aggregate": "auto"}})  # bench/roadwork.py
+    assert resolve_preprocess(recipe, 1).views is None  # training and the epoch selection: the global view
+    assert pending_views(recipe) == ViewsChoice(grid=3, aggregate="auto")
+    learned = load_recipe("digits-cnn", {"preprocess.views": {"aggregate": "learned"}})
+    assert pending_views(learned) == ViewsChoice(aggregate="learned")
+    fixed = load_recipe("digits-cnn", {"preprocess.views": {"aggregate": "learned", "weights": [0.1] * 10}})
+    assert pending_views(fixed) is None and resolve_preprocess(fixed, 1).views == _learned([0.1] * 10)
+    assert "weights" not in recipe.to_dict()["preprocess"]["views"]  # type: ignore[index]  # plain JSON mapping
+    for bad, message in (
+        ({"aggregate": "auto", "weights": [0.1] * 10}, "weights=.* applies only to aggregate='learned'"),
+        ({"aggregate": "auto", "k": 11}, r"k=11 is out of range for auto's topk_mean candidate; .* \[1, 10\]"),
+        ({"aggregate": "learned", "weights": [1.0]}, "weights has 1 values; aggregate='learned' needs 10"),
+        ({"aggregate": "best"}, "aggregate='best' is not allowed; allowed values: max, topk_mean, mean, learned, auto"),
+    ):
+        with pytest.raises(RecipeError, match=message):
+            load_recipe("digits-cnn", {"preprocess.views": bad})
+
+
+def test_auto_through_supervised_train_ends_with_a_concrete_spec(binary_candidate: Path, tmp_path: Path) -> None:
+    """supervised_train on a tiny model with `aggregate: auto`: model.json carries a concrete spec (never auto)
+    and the record of the choice, and the val_calib / val_test logits are computed with that spec."""
+    ds_dir = binary_candidate.parent / "ds"
+    recipe = load_recipe("digits-cnn", {"epochs": 1, "preprocess.views": {"grid": 2, "aggregate": "auto"}})
+    lines: list[str] = []
+    result = st.run(ds_dir, tmp_path / "model", tmp_path / "logits", recipe, tmp_path / "ckpt", log=lines.append)
+    info = json.loads((tmp_path / "model" / st.MODEL_META_FILE).read_text())
+    spec = PreprocessSpec.from_dict(info["preprocess"])  # a bundle can read it: no auto, weights when learned
+    assert info["preprocess_signature"] == spec.signature
+    record = info["views_selection"]
+    assert record == result.views_selection and record["requested"] == "auto"
+    assert record["chosen"] in st.VIEW_CANDIDATES and record["chosen"] == _rule_winner(record["candidates"])
+    assert (spec.views is None) == (record["chosen"] == "global")
+    if spec.views is not None:
+        assert spec.views.aggregate == record["chosen"] and spec.views.grid == 2
+    assert any(f"views auto -> {record['chosen']}" in line for line in lines)
+    model = build_model(ArchSpec.from_dict(info["arch"]))
+    load_weights(model, tmp_path / "model" / st.MODEL_FILE, strict=True)
+    images = load_dataset(ds_dir).split("val_test", "evaluate").images
+    z, _ = load_logits(tmp_path / "logits", "val_test")
+    np.testing.assert_allclose(z, st.predict_logits(model.eval(), images, spec, 64, "cpu"), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- served = validated, views on
 
 
@@ -308,37 +491,61 @@ class Chain(NamedTuple):
     bundle: Path  # the validated bundle with views
     dataset: Path  # the Dataset it was validated on
     logits: Path  # supervised_train's logits with views (what threshold_sweep and calibration read)
+    views: ViewsSpec  # the bundle's views
 
 
-@pytest.fixture(scope="module")
-def chain(binary_candidate: Path, tmp_path_factory: pytest.TempPathFactory) -> Chain:
-    """binary_candidate's trained model with views (3x3, overlap 0.25, max) through the real decision chain:
-    supervised_train's val_calib / val_test logits, threshold_sweep, calibration, bundle_validation (whose
-    parity check compares those logits with `BundleModel.predict_images`)."""
+def _decision_chain(binary_candidate: Path, root: Path, views: ViewsSpec | ViewsChoice) -> Chain:
+    """binary_candidate's trained model with `views` through the real decision chain: supervised_train's
+    val_calib / val_test logits, threshold_sweep, calibration, bundle_validation (whose parity check compares
+    those logits with `BundleModel.predict_images`). A pending ViewsChoice is first resolved on val_select by
+    supervised_train's own `resolve_views` (learned: the weights fitted there)."""
     from visionpipe.phases.bundle_validation import run as validate
     from visionpipe.phases.calibration import run as calibrate
     from visionpipe.phases.threshold_sweep import run as sweep
 
-    src, root = binary_candidate.parent, tmp_path_factory.mktemp("views")
+    src = binary_candidate.parent
     shutil.copytree(src / "model", root / "model")
     info = json.loads((root / "model" / "model.json").read_text())
-    spec = replace(PreprocessSpec.from_dict(info["preprocess"]), views=VIEWS)
-    info["preprocess"], info["preprocess_signature"] = spec.to_dict(), spec.signature
-    (root / "model" / "model.json").write_text(json.dumps(info))
     model = build_model(ArchSpec.from_dict(info["arch"]))
     load_weights(model, root / "model" / st.MODEL_FILE, strict=True)
-    st.write_logits(model.eval(), load_dataset(src / "ds"), spec, 64, root / "logits", torch.device("cpu"))
+    dataset = load_dataset(src / "ds")
+    base = PreprocessSpec.from_dict(info["preprocess"])
+    if isinstance(views, ViewsChoice):
+        select = dataset.split("val_select", "select")
+        spec, _ = st.resolve_views(model, select, base, views, 64, dataset.positive_index or 1)
+    else:
+        spec = replace(base, views=views)
+    assert spec.views is not None
+    info["preprocess"], info["preprocess_signature"] = spec.to_dict(), spec.signature
+    (root / "model" / "model.json").write_text(json.dumps(info))
+    st.write_logits(model.eval(), dataset, spec, 64, root / "logits", torch.device("cpu"))
     sweep(root / "logits", root / "thr", objective="mcc", bootstrap=20)
     calibrate(root / "logits", root / "thr", root / "cal", calibration_method="platt")
     out = root / "bundle"
     validate(src / "ds", root / "model", root / "logits", root / "cal", out, root / "thr", name="eights-views")
-    return Chain(out, src / "ds", root / "logits")
+    return Chain(out, src / "ds", root / "logits", spec.views)
 
 
 @pytest.fixture(scope="module")
-def views_server(chain: Chain, binary_candidate: Path) -> Iterator[ServerProcess]:
+def chain(binary_candidate: Path, tmp_path_factory: pytest.TempPathFactory) -> Chain:
+    """The decision chain with views 3x3, overlap 0.25, max."""
+    return _decision_chain(binary_candidate, tmp_path_factory.mktemp("views"), VIEWS)
+
+
+@pytest.fixture(scope="module")
+def learned_chain(binary_candidate: Path, tmp_path_factory: pytest.TempPathFactory) -> Chain:
+    """The decision chain with `aggregate: learned`, the weights fitted on val_select by supervised_train."""
+    return _decision_chain(binary_candidate, tmp_path_factory.mktemp("learned"), ViewsChoice(aggregate="learned"))
+
+
+@pytest.fixture(scope="module")
+def views_server(chain: Chain, learned_chain: Chain, binary_candidate: Path) -> Iterator[ServerProcess]:
     http_port, grpc_port = free_port(), free_port()
-    spec = {"views": {"bundles": [str(chain.bundle)]}, "global": {"bundles": [str(binary_candidate)]}}
+    spec = {
+        "views": {"bundles": [str(chain.bundle)]},
+        "learned": {"bundles": [str(learned_chain.bundle)]},
+        "global": {"bundles": [str(binary_candidate)]},
+    }
     argv = [sys.executable, str(Path(__file__).parent / "serve_many.py"), str(http_port), str(grpc_port)]
     with running_server([*argv, json.dumps(spec)], http_port, timeout_s=120) as proc:
         yield proc
@@ -359,9 +566,17 @@ def _jpeg(image: npt.NDArray[np.uint8]) -> bytes:
     return buf.getvalue()
 
 
-def test_served_equals_validated_with_views_on(chain: Chain, views_server: ServerProcess) -> None:
+@pytest.mark.parametrize("served_model", ["views", "learned"])
+def test_served_equals_validated_with_views_on(
+    served_model: str, chain: Chain, learned_chain: Chain, views_server: ServerProcess
+) -> None:
+    if served_model == "learned":
+        chain = learned_chain
+        assert chain.views.aggregate == "learned" and len(set(chain.views.weights)) > 1  # fitted, not uniform
+    else:
+        assert chain.views == VIEWS
     bundle = B.read_bundle(chain.bundle)
-    assert bundle.preprocess.views == VIEWS and bundle.signature.endswith(VIEWS.signature)
+    assert bundle.preprocess.views == chain.views and bundle.signature.endswith(chain.views.signature)
     runtime = B.BundleModel(bundle)
     images = load_dataset(chain.dataset).split("val_test", "evaluate").images[:16]
     # what the decision phases saw (supervised_train's logits) and what bundle_validation's path computes
@@ -369,7 +584,7 @@ def test_served_equals_validated_with_views_on(chain: Chain, views_server: Serve
     validated = runtime.decide(M.log_softmax(z[:16]))
     bundle_path = runtime.predict_images(images)
     np.testing.assert_allclose(bundle_path.raw_probs, M.softmax(z[:16]), atol=1e-6)
-    served, served_labels = _serve(views_server, "views", [png_bytes(img) for img in images])
+    served, served_labels = _serve(views_server, served_model, [png_bytes(img) for img in images])
     np.testing.assert_allclose(served, validated.calibrated_probs, atol=2e-6)
     np.testing.assert_allclose(served, bundle_path.calibrated_probs, atol=2e-6)
     np.testing.assert_array_equal(served_labels, validated.decisions.labels)
@@ -402,6 +617,25 @@ def test_a_bundle_whose_views_differ_from_its_signature_is_refused(chain: Chain,
     manifest.pop("files")
     card = json.loads((chain.bundle / B.MODEL_CARD_FILE).read_text())
     B.write_bundle(tmp_path / "b", manifest, [chain.bundle / "weights" / "member-0.safetensors"], card)
+    with pytest.raises(B.SignatureMismatch, match="views"):
+        B.read_bundle(tmp_path / "b")
+
+
+def test_a_learned_bundle_whose_weights_differ_from_its_signature_is_refused(
+    learned_chain: Chain, tmp_path: Path
+) -> None:
+    """The signature names the learned weights (their digest): swapping two weights in the stored spec, with
+    the signature left as validated, is refused."""
+    manifest = json.loads((learned_chain.bundle / B.BUNDLE_FILE).read_text())
+    weights = manifest["preprocessing"]["spec"]["views"]["weights"]
+    first = int(np.argmin(weights))  # a weight other than the first (they differ: fitted)
+    weights[0], weights[first] = weights[first], weights[0]
+    assert (
+        PreprocessSpec.from_dict(manifest["preprocessing"]["spec"]).signature != manifest["preprocessing"]["signature"]
+    )
+    manifest.pop("files")
+    card = json.loads((learned_chain.bundle / B.MODEL_CARD_FILE).read_text())
+    B.write_bundle(tmp_path / "b", manifest, [learned_chain.bundle / "weights" / "member-0.safetensors"], card)
     with pytest.raises(B.SignatureMismatch, match="views"):
         B.read_bundle(tmp_path / "b")
 

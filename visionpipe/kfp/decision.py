@@ -64,6 +64,7 @@ def decide_and_publish(
     champion_uri: str,
     champion_margin: float,
     threshold_at_half: bool,
+    compiled_runtime: str,
     destination: str,
 ) -> DecisionOutputs:
     """threshold_sweep -> calibration -> bundle_validation -> export on one trained model.
@@ -92,6 +93,7 @@ def decide_and_publish(
         champion_uri: Champion bundle to compare with (bundle_validation).
         champion_margin: Allowed loss against the champion (bundle_validation).
         threshold_at_half: Assemble (and validate) a two-class bundle whose threshold sits at 0.5.
+        compiled_runtime: none, or onnx: also ship the ONNX export, checked for decision parity (bundle_validation).
         destination: Where export publishes the validated bundle.
     """
     sweep = threshold_sweep(
@@ -128,6 +130,7 @@ def decide_and_publish(
         champion_uri=champion_uri,
         champion_margin=champion_margin,
         threshold_at_half=threshold_at_half,
+        compiled_runtime=compiled_runtime,
     ).set_display_name("bundle_validation")
     validation.set_caching_options(False)
     published = export(bundle=validation.outputs["bundle"], destination=destination)

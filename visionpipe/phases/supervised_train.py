@@ -12,6 +12,12 @@ Outputs (see DESIGN.md, contracts):
   ``preprocess.views`` each image's global view + tiles in one forward pass, aggregated to log-probabilities,
   the code bundle_validation and the served predictor run). Training and the per-epoch val_select selection use
   the global view only (`to_model_input`), views or not.
+- views still to choose (recipe ``preprocess.views.aggregate: auto``, or ``learned`` without weights;
+  `visionpipe.specs.preprocess.ViewsChoice`) are resolved after the epoch, on val_select only: the chosen
+  checkpoint's per-view log-probabilities are computed once (`view_log_probs`) and `choose_views` picks the
+  global view alone, mean, max, topk_mean or learned (VIEWS_RULE), or fits the learned weights. The resolved,
+  concrete spec (or none) is what model.json's ``preprocess`` carries and what the logits above are computed
+  with; model.json's ``views_selection`` records the candidates, their val_select scores, the winner and the rule.
 - ``checkpoint_dir``: after every epoch a resumable state (model, optimizer, EMA, schedule position,
   history, best weights) in safetensors + JSON (never pickle). A rerun on the same checkpoint_dir resumes
   after the last completed epoch and gives the same result as an uninterrupted run: the data order,
@@ -21,13 +27,14 @@ Outputs (see DESIGN.md, contracts):
 import base64
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # threadpoolctl ships no types
 from torch import nn
 
 from visionpipe.data.datasets import Dataset as LoadedDataset
@@ -35,9 +42,10 @@ from visionpipe.data.datasets import SplitData, load_dataset, write_json
 from visionpipe.data.logits import LOGIT_SPLITS
 from visionpipe.serving.metrics import mcc
 from visionpipe.serving.models import VisionClassifier, build_model, load_weights, save_weights
-from visionpipe.serving.views import predict_rows
+from visionpipe.serving.views import pool_views, predict_rows, view_log_probs
 from visionpipe.specs import ArchSpec, PreprocessSpec
-from visionpipe.specs.resolve import resolve_arch, resolve_preprocess
+from visionpipe.specs.preprocess import WEIGHT_DECIMALS, ViewsChoice, ViewsSpec
+from visionpipe.specs.resolve import pending_views, resolve_arch, resolve_preprocess
 from visionpipe.training.augment import black_level
 from visionpipe.training.batching import ModelInputs, in_order
 from visionpipe.training.checkpoint import CheckpointMirror, resume, save_checkpoint, state_copy
@@ -51,6 +59,7 @@ MODEL_FILE = "model.safetensors"
 MODEL_META_FILE = "model.json"
 
 FloatArray = npt.NDArray[np.float32]
+FloatArray64 = npt.NDArray[np.float64]
 Log = Callable[[str], None]
 
 
@@ -69,6 +78,7 @@ class TrainResult:
     images_per_second: float
     split_accuracy: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
+    views_selection: dict[str, object] = field(default_factory=dict)  # how pending views were resolved, or {}
 
 
 # --------------------------------------------------------------------------------------------------- core
@@ -109,7 +119,10 @@ def run(
         f"supervised_train: {recipe.name} ({arch.name}, {trainable_summary(loop.model)}) on {dev.type}; "
         f"train {len(train.labels)} / val_select {len(select.labels)} images; select by {metric_name}"
     )
-    note = views_resolution_note(preprocess, ds.image_shape)
+    choice = pending_views(recipe)  # views to choose on val_select after the epoch (training: global view only)
+    note = views_resolution_note(
+        preprocess if choice is None else replace(preprocess, views=choice.geometry), ds.image_shape
+    )
     if note:
         log(f"supervised_train: {note}")
 
@@ -123,8 +136,16 @@ def run(
     _fit(loop, recipe, preprocess, train, select, metric_name, checkpoint_dir, stop_after_epoch, log, mirror)
 
     best = export_best_model(loop, recipe, arch, model_dir)
+    selection = None
+    if choice is not None:
+        positive = ds.positive_index if ds.positive_index is not None else 1
+        best = best.to("cpu")  # the device write_logits computes the logits on
+        preprocess, selection = resolve_views(best, select, preprocess, choice, recipe.eval_batch_size, positive)
+        log(f"supervised_train: {describe_views_selection(selection)}")
     split_accuracy = write_logits(best, ds, preprocess, recipe.eval_batch_size, logits_dir, dev)
-    write_model_meta(model_dir, arch, preprocess, ds.classes, ds.positive_class, recipe, loop, ds.split_fingerprints)
+    write_model_meta(
+        model_dir, arch, preprocess, ds.classes, ds.positive_class, recipe, loop, ds.split_fingerprints, selection
+    )
     if curve_path is not None:
         write_curve(loop.history, loop.best_epoch, metric_name, curve_path)
     seconds = sum(h["seconds"] for h in loop.history)
@@ -145,6 +166,7 @@ def run(
         images_per_second=images / seconds if seconds > 0 else 0.0,
         split_accuracy=split_accuracy,
         history=list(loop.history),
+        views_selection={} if selection is None else selection.to_dict(),
     )
 
 
@@ -299,6 +321,301 @@ def _fit(
             raise TrainingInterrupted(f"stopped after epoch {epoch} (stop_after_epoch hook)")
 
 
+# ------------------------------------------------------------------------------- views chosen on val_select
+
+# auto's candidates, simplest first: a tie (within one paired SE) goes to the earlier one
+VIEW_CANDIDATES: tuple[str, ...] = ("global", "mean", "max", "topk_mean", "learned")
+VIEWS_FOLDS = 5  # stratified folds of val_select (fewer when a class has fewer images)
+VIEWS_REPEATS = 3  # cross-fitting repeats, fold seeds VIEWS_SEED + r
+VIEWS_SEED = 0
+VIEWS_L2 = 1.0  # penalty L2 * sum_v (theta_v - mean(theta))^2 on the weight logits: a pull toward uniform weights
+VIEWS_TIE_NATS = 1e-4  # an excess this small is a tie even when its paired SE is 0 (identical candidates)
+VIEWS_RULE = (
+    f"{VIEWS_REPEATS} x stratified {VIEWS_FOLDS}-fold cross-fitting on val_select: each candidate's aggregated "
+    "scores (aggregate_views) recalibrated on the training folds (binary: a * log-odds + b; multiclass: a * "
+    "log-probabilities) and scored by the held-out log-loss; learned fits its weights with the recalibration on "
+    "the training folds only; the simplest candidate (global < mean < max < topk_mean < learned) whose mean "
+    f"log-loss is within one paired SE (or {VIEWS_TIE_NATS:g} nats) of the lowest wins"
+)
+LEARNED_RULE = (
+    f"weights = softmax(theta) fitted on val_select by L-BFGS-B (mean NLL of the recalibrated weighted log-odds / "
+    f"log-probabilities + {VIEWS_L2:g} * |theta - mean(theta)|^2 / n), rounded to 6 decimals"
+)
+
+
+@dataclass(frozen=True)
+class ViewsSelection:
+    """How supervised_train resolved a recipe's pending views on val_select (model.json `views_selection`)."""
+
+    requested: str  # the recipe's aggregate: auto, or learned (weights to fit)
+    chosen: str  # one of VIEW_CANDIDATES
+    views: ViewsSpec | None  # the concrete views the model carries (None: the global view only)
+    images: int  # val_select images
+    rule: str
+    candidates: dict[str, dict[str, float]] = field(default_factory=dict)  # auto: nll / excess / paired_se
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "requested": self.requested,
+            "chosen": self.chosen,
+            "views": None if self.views is None else self.views.to_dict(),
+            "signature": "global view only" if self.views is None else self.views.signature,
+            "val_select_images": self.images,
+            "rule": self.rule,
+            "candidates": self.candidates,
+        }
+
+
+def describe_views_selection(selection: ViewsSelection) -> str:
+    """One log line: the winner and every candidate's val_select score."""
+    scores = ", ".join(f"{name} {c['nll']:.4f}" for name, c in selection.candidates.items())
+    how = f" (held-out val_select log-loss: {scores})" if scores else ""
+    return f"views {selection.requested} -> {selection.chosen}: {selection.to_dict()['signature']}{how}"
+
+
+def resolve_views(
+    model: nn.Module,
+    select: SplitData,
+    preprocess: PreprocessSpec,
+    choice: ViewsChoice,
+    batch_size: int,
+    positive_index: int,
+) -> tuple[PreprocessSpec, ViewsSelection]:
+    """The chosen checkpoint's per-view log-probabilities on val_select, computed once (`view_log_probs`: one
+    forward pass of images x views per chunk, on the CPU like `write_logits`), then `choose_views`; returns the
+    preprocessing with the resolved views (or none) and the record of the choice."""
+    model.eval()
+
+    def forward(x: torch.Tensor) -> FloatArray:
+        with torch.no_grad():
+            return np.asarray(model(x).float().cpu().numpy(), dtype=np.float32)
+
+    per_view = view_log_probs(forward, select.images, replace(preprocess, views=choice.geometry), batch_size)
+    selection = choose_views(per_view, select.labels, choice, positive_index)
+    return replace(preprocess, views=selection.views), selection
+
+
+def candidate_views(choice: ViewsChoice) -> dict[str, ViewsSpec | None]:
+    """auto's fixed candidates on the recipe's grid / overlap (learned is fitted, not listed)."""
+    geometry = choice.geometry
+    return {
+        "global": None,
+        "mean": geometry,
+        "max": replace(geometry, aggregate="max"),
+        "topk_mean": replace(geometry, aggregate="topk_mean", k=choice.topk),
+    }
+
+
+def choose_views(
+    per_view: npt.NDArray[np.floating],
+    labels: npt.ArrayLike,
+    choice: ViewsChoice,
+    positive_index: int = 1,
+    folds: int = VIEWS_FOLDS,
+    repeats: int = VIEWS_REPEATS,
+    seed: int = VIEWS_SEED,
+) -> ViewsSelection:
+    """Resolve a pending `ViewsChoice` from per-view log-probabilities (N, V, K) of val_select and its labels.
+
+    ``learned``: the weights fitted on all of val_select (`fit_view_weights`). ``auto``: VIEWS_RULE over
+    VIEW_CANDIDATES; when it picks learned, the weights are then fitted on all of val_select. Binary tasks
+    score the positive class `positive_index`."""
+    # Some 75 fits of 2-12 parameters: scipy's L-BFGS-B calls BLAS on tiny arrays, where BLAS threads only
+    # contend (n=200: 17 s with 2 threads at load 9, 1.6 s with one); as in visionpipe/phases/calibration.py.
+    # threadpoolctl is scikit-learn's own dependency.
+    with threadpool_limits(1):
+        return _choose_views(per_view, labels, choice, positive_index, folds, repeats, seed)
+
+
+def _choose_views(
+    per_view: npt.NDArray[np.floating],
+    labels: npt.ArrayLike,
+    choice: ViewsChoice,
+    positive_index: int,
+    folds: int,
+    repeats: int,
+    seed: int,
+) -> ViewsSelection:
+    x = np.asarray(per_view, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if x.ndim != 3 or x.shape[0] != len(y) or x.shape[1] != choice.geometry.count:
+        raise TrainError(
+            f"per-view log-probabilities of shape {x.shape} do not match {len(y)} labels x "
+            f"{choice.geometry.count} views ({choice.geometry.signature})"
+        )
+    if not choice.pending:
+        raise TrainError(f"preprocess.views={choice.fixed!r} is already concrete; nothing to choose")
+    if choice.aggregate == "learned":
+        learned = replace(choice.geometry, aggregate="learned", weights=fit_view_weights(x, y, positive_index))
+        return ViewsSelection("learned", "learned", learned, len(y), LEARNED_RULE)
+    fixed = candidate_views(choice)
+    binary = x.shape[2] == 2
+    inputs = {
+        name: _view_scores(x[:, :1] if spec is None else pool_views(x, spec, positive_index)[:, None], positive_index)
+        for name, spec in fixed.items()
+    }
+    inputs["learned"] = _view_scores(x, positive_index)
+    counts = np.bincount(y)
+    n_folds = min(folds, int(counts[counts > 0].min()) if len(y) else 0)
+    if n_folds < 2:
+        rule = (
+            f"val_select has a class with fewer than 2 of its {len(y)} images: nothing can be cross-fitted, views off"
+        )
+        return ViewsSelection("auto", "global", None, len(y), rule)
+    held_out = {name: np.zeros((repeats, len(y))) for name in VIEW_CANDIDATES}
+    for r in range(repeats):
+        fold_of = _stratified_folds(y, n_folds, seed + r)
+        for f in range(n_folds):
+            train, test = fold_of != f, fold_of == f
+            fit_target = _targets(y[train], x.shape[2], positive_index, smooth=True)
+            test_target = _targets(y[test], x.shape[2], positive_index, smooth=False)
+            for name in VIEW_CANDIDATES:
+                learn = name == "learned"
+                params = _fit_mix(inputs[name][train], fit_target, binary, learn)
+                held_out[name][r, test] = _mix_nll(params, inputs[name][test], test_target, binary, learn)[0]
+    candidates, chosen = _simplest_within_one_se({name: held_out[name].mean(axis=0) for name in VIEW_CANDIDATES})
+    rule = VIEWS_RULE if n_folds == folds else VIEWS_RULE.replace(f"{folds}-fold", f"{n_folds}-fold")
+    if chosen == "learned":
+        views: ViewsSpec | None = replace(
+            choice.geometry, aggregate="learned", weights=fit_view_weights(x, y, positive_index)
+        )
+    else:
+        views = fixed[chosen]
+    return ViewsSelection("auto", chosen, views, len(y), rule, candidates)
+
+
+def fit_view_weights(
+    per_view: npt.NDArray[np.floating], labels: npt.ArrayLike, positive_index: int = 1, l2: float = VIEWS_L2
+) -> tuple[float, ...]:
+    """The learned weighting: w = softmax(theta) over the V views (global first, then the tiles row by row),
+    fitted on per-view log-probabilities (N, V, K) jointly with a nuisance recalibration (binary: a * m + b on
+    the weighted log-odds m; multiclass: a * the weighted log-probabilities, renormalised), so the weights say
+    which views inform, not how confident they are; the calibration phase refits the calibration on val_calib.
+    Minimises the mean NLL + l2 * |theta - mean(theta)|^2 / N by L-BFGS-B from uniform weights (deterministic);
+    returns the weights rounded to WEIGHT_DECIMALS, as the ViewsSpec stores them."""
+    x = np.asarray(per_view, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    binary = x.shape[2] == 2
+    with threadpool_limits(1):  # see choose_views
+        params = _fit_mix(
+            _view_scores(x, positive_index), _targets(y, x.shape[2], positive_index, True), binary, True, l2
+        )
+    weights = _softmax1(params[: x.shape[1]])
+    rounded = np.round(weights, WEIGHT_DECIMALS)
+    return tuple(float(w) + 0.0 for w in rounded)
+
+
+def _view_scores(per_view: FloatArray | npt.NDArray[np.float64], positive_index: int) -> npt.NDArray[np.float64]:
+    """What the views pool: binary, the positive log-odds per view (N, V); multiclass, the log-probabilities."""
+    if per_view.shape[2] == 2:
+        p = positive_index
+        return np.asarray(per_view[..., p] - per_view[..., 1 - p], dtype=np.float64)
+    return np.asarray(per_view, dtype=np.float64)
+
+
+def _targets(labels: npt.NDArray[np.int64], k_classes: int, positive_index: int, smooth: bool) -> FloatArray64:
+    """Fitting targets: binary P(positive) per image (N,), multiclass class probabilities (N, K). With `smooth`,
+    Platt's (1999) targets: an image of a class with n images in the fitting set targets 1 - 1 / (n + 2) on its
+    class (binary: (n+ + 1) / (n+ + 2) and 1 / (n- + 2)), the rest spread over the other classes, so a fold the
+    views separate perfectly still has a finite recalibration (no scale running to infinity)."""
+    counts = np.bincount(labels, minlength=k_classes).astype(np.float64)
+    eps = 1.0 / (counts[labels] + 2.0) if smooth else np.zeros(len(labels))
+    if k_classes == 2:
+        positive = labels == positive_index
+        return np.where(positive, 1.0 - eps, eps)
+    out = np.repeat((eps / (k_classes - 1))[:, None], k_classes, axis=1)
+    out[np.arange(len(labels)), labels] = 1.0 - eps
+    return out
+
+
+def _stratified_folds(labels: npt.NDArray[np.int64], n_folds: int, seed: int) -> npt.NDArray[np.int64]:
+    """The fold of each image: every class shuffled (seeded), then dealt round-robin across the folds."""
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    fold_of[order] = np.arange(len(order)) % n_folds
+    return fold_of
+
+
+def _simplest_within_one_se(
+    per_image: dict[str, npt.NDArray[np.float64]],
+) -> tuple[dict[str, dict[str, float]], str]:
+    """(per candidate: mean held-out NLL, excess over the lowest, paired SE of that excess; the winner): the
+    first of VIEW_CANDIDATES whose excess is within one paired SE (or VIEWS_TIE_NATS)."""
+    names = [name for name in VIEW_CANDIDATES if name in per_image]
+    best = min(names, key=lambda name: float(per_image[name].mean()))
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        diff = per_image[name] - per_image[best]
+        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        out[name] = {"nll": float(per_image[name].mean()), "excess": float(diff.mean()), "paired_se": se}
+    chosen = next(n for n in names if out[n]["excess"] <= max(out[n]["paired_se"], VIEWS_TIE_NATS))
+    return out, chosen
+
+
+def _fit_mix(
+    x: npt.NDArray[np.float64],
+    target: FloatArray64,
+    binary: bool,
+    learn: bool,
+    l2: float = VIEWS_L2,
+) -> npt.NDArray[np.float64]:
+    """Parameters [theta (V, learn only), a, b (binary only)] minimising the mean NLL (+ the pull of theta)."""
+    from scipy.optimize import minimize
+
+    v = x.shape[1] if learn else 0
+    n = max(len(target), 1)
+
+    def objective(params: npt.NDArray[np.float64]) -> tuple[float, npt.NDArray[np.float64]]:
+        nll, grad = _mix_nll(params, x, target, binary, learn)
+        loss, grad = float(nll.sum()), grad
+        if learn:
+            centred = params[:v] - params[:v].mean()
+            loss += l2 * float(centred @ centred)
+            grad[:v] += 2.0 * l2 * centred
+        return loss / n, grad / n
+
+    start = np.concatenate([np.zeros(v), [1.0], [0.0] if binary else []])
+    bounds = [(None, None)] * v + [(0.0, None)] + ([(None, None)] if binary else [])
+    result = minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds)
+    return np.asarray(result.x, dtype=np.float64)
+
+
+def _mix_nll(
+    params: npt.NDArray[np.float64],
+    x: npt.NDArray[np.float64],
+    target: FloatArray64,
+    binary: bool,
+    learn: bool,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(per-image NLL, gradient of their sum w.r.t. params) of the recalibrated mix of x: binary x (N, V) log-odds
+    -> sigmoid(a * x @ w + b); multiclass x (N, V, K) log-probabilities -> softmax(a * sum_v w_v x_v)."""
+    v = x.shape[1]
+    w = _softmax1(params[:v]) if learn else np.ones(v) / v
+    a = float(params[v if learn else 0])
+    if binary:
+        s = x @ w
+        z = a * s + float(params[-1])
+        nll = np.logaddexp(0.0, z) - target * z
+        r = 0.5 * (1.0 + np.tanh(0.5 * z)) - target  # sigmoid(z) - y, overflow-free
+        grad_w, rest = a * (x.T @ r), [float(r @ s), float(r.sum())]
+    else:
+        s = np.einsum("nvk,v->nk", x, w)
+        z = a * s
+        log_p = z - z.max(axis=1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+        nll = -(target * log_p).sum(axis=1)
+        resid = np.exp(log_p) - target
+        grad_w, rest = a * np.einsum("nvk,nk->v", x, resid), [float((resid * s).sum())]
+    grad_theta = w * (grad_w - float(w @ grad_w)) if learn else np.zeros(0)
+    return np.asarray(nll, dtype=np.float64), np.concatenate([grad_theta, rest])
+
+
+def _softmax1(theta: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    e = np.exp(theta - theta.max())
+    return np.asarray(e / e.sum(), dtype=np.float64)
+
+
 # ------------------------------------------------------------------------------------------------ outputs
 
 
@@ -348,7 +665,9 @@ def write_model_meta(
     recipe: Recipe,
     loop: TrainState,
     split_fingerprints: dict[str, str],
+    views_selection: ViewsSelection | None = None,
 ) -> None:
+    extra = {} if views_selection is None else {"views_selection": views_selection.to_dict()}
     write_json(
         model_dir / MODEL_META_FILE,
         {
@@ -364,6 +683,7 @@ def write_model_meta(
             "ema": recipe.ema.enabled,
             "history": loop.history,
             "split_fingerprints": {k: split_fingerprints[k] for k in ("train", "val_select")},
+            **extra,
         },
     )
 

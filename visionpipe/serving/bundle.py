@@ -6,6 +6,8 @@ Layout of a bundle folder (local, ``s3://bucket/name/version/``, or KServe's ``/
     bundle.sig               Ed25519 signature of bundle.json (visionpipe/serving/signing.py), written just before it
     model_card.json          name, description, version, submission time, optional submitter
     weights/member-0.safetensors [, member-1 ...]   one file per ensemble member (never pickle)
+    compiled/member-0.onnx [, ...]   optional: each member exported to ONNX (visionpipe/serving/compiled.py), named
+                             by its member's ``compiled`` entry, listed and hashed like every other file
     drift_reference.json     what the served bundle saw on val_test, for drift monitoring (visionpipe/monitoring/
                              drift.py); listed and hashed like every other file, so it verifies with the bundle
     reports/...              optional human-readable reports (validation, plots)
@@ -30,7 +32,9 @@ bundle.json therefore covers every file it lists.
 - contents: ``unknown_schema``, ``missing_field``, ``unlisted_file`` (a file `files` does not list; only
   ``reports/`` may hold unlisted, never-loaded reports: `UNLISTED_ANNEX`), ``checksum_mismatch``,
   ``preprocessing_signature``, ``inconsistent_policy``, ``invalid_architecture``, ``param_budget`` (parameters
-  counted from the spec, nothing built), ``memory_budget`` (state-dict or activation bytes).
+  counted from the spec, nothing built), ``memory_budget`` (state-dict or activation bytes), ``compiled_model`` (a
+  member's ``compiled`` entry that is malformed: unknown format, not a plain ``.onnx`` file; a compiled file that is
+  missing or has no checksum is ``checksum_mismatch``, as for weights).
 
 `Bundle.load_models` (so `BundleModel`, `verify_bundle` and `visionpipe validate-bundle`) goes on: it builds each
 member on the ``meta`` device (no storage), reads its weights once into memory and checks their sha256 against
@@ -39,6 +43,12 @@ the signed manifest, parses the safetensors header itself with the header length
 (``not_safetensors``: a pickle, a zip, a truncated or malformed file), compares every tensor's name, shape and
 dtype with the model's state dict (``weights_mismatch``), refuses NaN / Inf (``non_finite_weights``) and runs one
 forward pass on a blank input of the preprocessing shape (``forward_failed``, ``non_finite_output``).
+
+`BundleModel(bundle, runtime="onnx")` also loads every member's compiled file (`Bundle.load_compiled`): its bytes
+read once and checked against the signed sha256 (``checksum_mismatch``), then parsed and run on a blank input by
+visionpipe/serving/compiled.py (``compiled_model``: not ONNX, external data, wrong input / output signature,
+failing or non-finite forward); a bundle without compiled files is refused for that runtime (``no_compiled_model``).
+The torch members are loaded (and checked) either way.
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ import numpy.typing as npt
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from visionpipe.serving import compiled as C
 from visionpipe.serving import signing, storage
 from visionpipe.serving.calibrators import Calibrator, CalibratorError, calibrator_from_dict
 from visionpipe.serving.models import (
@@ -259,6 +270,14 @@ class NonFiniteOutput(BundleError):
     reason = "non_finite_output"
 
 
+class CompiledModelInvalid(BundleError):
+    reason = "compiled_model"
+
+
+class NoCompiledModel(BundleError):
+    reason = "no_compiled_model"
+
+
 _SIGNATURE_ERRORS: dict[str, type[BundleError]] = {
     "unsigned": Unsigned,
     "bad_signature": BadSignature,
@@ -267,10 +286,20 @@ _SIGNATURE_ERRORS: dict[str, type[BundleError]] = {
 
 
 @dataclass(frozen=True)
+class CompiledFile:
+    """A member's compiled model (visionpipe/serving/compiled.py): its format, file and listed sha256."""
+
+    format: str
+    path: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Member:
     arch: ArchSpec
     weights: Path
     sha256: str | None = None  # the digest bundle.json lists for `weights` (checked again on the bytes loaded)
+    compiled: CompiledFile | None = None
 
 
 @dataclass(frozen=True)
@@ -310,9 +339,24 @@ class Bundle:
         files = self.manifest.get("files")
         return self.root / DRIFT_REFERENCE_FILE if isinstance(files, dict) and DRIFT_REFERENCE_FILE in files else None
 
+    @property
+    def has_compiled(self) -> bool:
+        """Every member ships a compiled (ONNX) model."""
+        return all(m.compiled is not None for m in self.members)
+
     def load_models(self) -> list[VisionClassifier]:
         """Every member's model in eval mode, through the checked loading (`load_member`)."""
         return [load_member(member, self.preprocess, self.limits) for member in self.members]
+
+    def load_compiled(self, threads: int | None = None) -> list[C.OnnxMember]:
+        """Every member's ONNX Runtime session, through the checked loading (`load_compiled_member`)."""
+        missing = [i for i, m in enumerate(self.members) if m.compiled is None]
+        if missing:
+            raise NoCompiledModel(
+                f"{self.name} {self.version}: member(s) {missing} ship no compiled model; serve it with --runtime "
+                "torch, or rebuild the bundle with compiled_runtime=onnx"
+            )
+        return [load_compiled_member(m, self.preprocess, self.limits, threads) for m in self.members]
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -564,16 +608,35 @@ class Prediction:
 
 
 class BundleModel:
-    """The verified bundle's models in eval mode, with the bundle's calibrator and policy."""
+    """The verified bundle's models in eval mode, with the bundle's calibrator and policy.
 
-    def __init__(self, bundle: Bundle) -> None:
+    runtime: what runs the forward pass, ``torch`` (the members' torch modules) or ``onnx`` (each member's compiled
+    file in ONNX Runtime, visionpipe/serving/compiled.py; refused with ``no_compiled_model`` for a bundle without
+    one). Same input (preprocessed rows as a torch tensor), same output (ensemble log-probabilities), so callers
+    (the predictor, bundle validation) do not know which runs. The torch members are loaded and checked in both."""
+
+    def __init__(self, bundle: Bundle, runtime: str = "torch") -> None:
+        if runtime not in C.RUNTIMES:
+            raise ValueError(f"runtime={runtime!r} is not one of {C.RUNTIMES}")
         self.bundle = bundle
+        self.runtime = runtime
         self.models = bundle.load_models()
+        self.compiled = bundle.load_compiled() if runtime == "onnx" else []
 
     @torch.inference_mode()
     def log_probs(self, x: torch.Tensor) -> FloatArray:
         """Ensemble log-probabilities (log of the members' mean softmax) for preprocessed input x."""
+        if self.compiled:
+            return self._compiled_log_probs(x)
         probs = torch.stack([torch.softmax(m(x).double(), dim=1) for m in self.models]).mean(0)
+        return np.asarray(torch.log(probs.clamp_min(1e-300)).numpy(), dtype=np.float64)
+
+    def _compiled_log_probs(self, x: torch.Tensor) -> FloatArray:
+        """The torch path's arithmetic on ONNX Runtime's float32 logits: float64 softmax, member mean, log."""
+        rows = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        probs = torch.stack(
+            [torch.softmax(torch.from_numpy(m.logits(rows)).double(), dim=1) for m in self.compiled]
+        ).mean(0)
         return np.asarray(torch.log(probs.clamp_min(1e-300)).numpy(), dtype=np.float64)
 
     @property
@@ -655,6 +718,26 @@ def load_member(member: Member, preprocess: PreprocessSpec, limits: VerifyLimits
     model.eval()
     _forward_check(model, preprocess, where)
     return model
+
+
+def load_compiled_member(
+    member: Member, preprocess: PreprocessSpec, limits: VerifyLimits = DEFAULT_LIMITS, threads: int | None = None
+) -> C.OnnxMember:
+    """One member's compiled model: bytes read once (bounded by the state-dict budget plus 16 MiB of graph),
+    sha256 checked against the signed manifest, then parsed, signature-checked and run once (compiled.load_onnx)."""
+    if member.compiled is None:
+        raise NoCompiledModel(f"{member.weights.name}: the member ships no compiled model")
+    path, where = member.compiled.path, member.compiled.path.name
+    cap = limits.model.max_state_bytes + 16 * _MIB
+    data = _read_capped(path, cap, MemoryBudget, where)
+    if hashlib.sha256(data).hexdigest() != member.compiled.sha256:
+        raise ChecksumMismatch(f"{where}: sha256 of the bytes loaded does not match bundle.json")
+    try:
+        return C.load_onnx(
+            data, preprocess.channels, preprocess.size, member.arch.num_classes, where=where, threads=threads
+        )
+    except C.CompiledError as exc:
+        raise CompiledModelInvalid(str(exc)) from exc
 
 
 def read_safetensors_checked(
@@ -903,11 +986,29 @@ def _check_checksums(root: Path, manifest: dict[str, object]) -> None:
         if actual != expected:
             raise ChecksumMismatch(f"{rel}: sha256 {actual[:16]}… does not match bundle.json ({str(expected)[:16]}…)")
     for i, m in enumerate(_as_list(manifest["members"], "members")):
-        weights = str(_as_dict(m, "members[]")["weights"])
+        member = _as_dict(m, "members[]")
+        weights = str(member["weights"])
         if weights not in files:
             raise ChecksumMismatch(f"members[{i}].weights={weights!r} has no checksum in bundle.json 'files'")
         if not weights.endswith(".safetensors"):
             raise NotSafetensors(f"members[{i}].weights={weights!r}: weights must be safetensors")
+        if member.get("compiled") is not None:
+            rel = _compiled_entry(member["compiled"], i)[1]
+            if rel not in files:
+                raise ChecksumMismatch(f"members[{i}].compiled.file={rel!r} has no checksum in bundle.json 'files'")
+
+
+def _compiled_entry(value: object, i: int) -> tuple[str, str]:
+    """(format, relative file) of a member's ``compiled`` entry; `CompiledModelInvalid` when malformed."""
+    if not isinstance(value, dict):
+        raise CompiledModelInvalid(f"members[{i}].compiled must be an object; got {type(value).__name__}")
+    fmt, rel = value.get("format"), value.get("file")
+    if fmt not in C.COMPILED_FORMATS:
+        raise CompiledModelInvalid(f"members[{i}].compiled.format={fmt!r} is not one of {C.COMPILED_FORMATS}")
+    if not isinstance(rel, str) or not rel.endswith(".onnx"):
+        raise CompiledModelInvalid(f"members[{i}].compiled.file={rel!r} must name a .onnx file in the bundle")
+    _check_relpath(rel)
+    return str(fmt), rel
 
 
 def _check_relpath(rel: str) -> None:
@@ -962,7 +1063,11 @@ def _members(
         except ModelBudgetError as exc:
             raise (ParamBudget if exc.budget == "parameters" else MemoryBudget)(f"members[{i}]: {exc}") from exc
         rel = str(member["weights"])
-        out.append(Member(arch=arch, weights=root / rel, sha256=str(files[rel])))
+        compiled = None
+        if member.get("compiled") is not None:
+            fmt, compiled_rel = _compiled_entry(member["compiled"], i)
+            compiled = CompiledFile(fmt, root / compiled_rel, str(files[compiled_rel]))
+        out.append(Member(arch=arch, weights=root / rel, sha256=str(files[rel]), compiled=compiled))
     return tuple(out)
 
 

@@ -10,6 +10,9 @@ keeps serving. Work is bounded before it is done: the image count, every image h
 pixel-tensor shape, and the request's total pixels are checked before anything is decoded
 (visionpipe/serving/limits.py),
 and decoding and inference run on the process's worker pool (visionpipe/serving/runtime.py), off the event loop.
+With micro-batching on (`ServeConfig.max_batch_size` > 1, the default; visionpipe/serving/batching.py), `predict`
+queues the decoded request and concurrent requests, REST v1 / v2 and gRPC alike, share one forward pass
+(`infer_many`); each still gets exactly its own answers and its own errors.
 
 Requests:
   v1  ``{"instances": [ {"b64": "<base64 image>"} | "<base64 image>" | [[pixel rows]] (H,W) or (H,W,C) ]}``
@@ -50,16 +53,31 @@ import torch
 from kserve.errors import InvalidInput
 from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
-from PIL import Image, ImageOps
+from PIL import Image
 
+from visionpipe.serving.batching import (
+    BatchingConfig,
+    BatchingConfigError,
+    MicroBatcher,
+    batch_metrics,
+    resolve_batching,
+)
 from visionpipe.serving.bundle import BundleError, BundleModel, read_bundle
+from visionpipe.serving.compiled import RUNTIMES
 from visionpipe.serving.event_logger import EventLogger
 from visionpipe.serving.hard_examples import HardExampleLogger
 from visionpipe.serving.limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_REQUEST_PIXELS
 from visionpipe.serving.policies import ABSTAIN, apply_policy
 from visionpipe.serving.runtime import WorkerPool, default_pool
 from visionpipe.serving.tta import TTA_MODES, average_tta, tta_batch
-from visionpipe.serving.upload import InputError, InputLimits, NotAnImageError, composite_alpha, load_image, open_image
+from visionpipe.serving.upload import (
+    InputError,
+    InputLimits,
+    NotAnImageError,
+    decode_to_array,
+    load_image,
+    open_image,
+)
 from visionpipe.serving.views import model_input, views_per_image
 from visionpipe.specs import PreprocessSpec
 
@@ -70,6 +88,10 @@ FloatArray = npt.NDArray[np.float64]
 
 class EnsembleError(BundleError):
     reason = "ensemble_mismatch"
+
+
+class BatchingFieldError(BundleError):
+    reason = "bad_batching"
 
 
 class RequestRefused(InvalidInput):  # type: ignore[misc]  # kserve ships no type information
@@ -123,21 +145,34 @@ DEFAULT_OUTPUTS = tuple(OutputRequest(name) for name in OUTPUT_DATATYPES)
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Serving options: TTA mode, per-image input limits, images and total pixels per request."""
+    """Serving options: TTA mode, per-image input limits, images and total pixels per request, micro-batching.
+
+    max_batch_size / max_batch_wait_ms: the micro-batching limits (visionpipe/serving/batching.py); None takes the
+    bundle's ``serving.batching`` field, else the measured default; max_batch_size 0 or 1 turns batching off.
+    max_concurrent_batches: forward passes running at once (None: one per pool worker).
+    runtime: ``torch``, or ``onnx`` to run each member's compiled/member-<i>.onnx with ONNX Runtime (the bundle must
+    ship it: bundle_validation's ``compiled_runtime=onnx``, checked there for decision parity)."""
 
     tta: str = "off"
     limits: InputLimits = field(default_factory=InputLimits)
     max_batch: int = DEFAULT_MAX_BATCH
     max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
     allow_unsigned: bool = False  # accept unsigned / untrusted-key bundles (a bad signature is always refused)
+    max_batch_size: int | None = None
+    max_batch_wait_ms: float | None = None
+    max_concurrent_batches: int | None = None
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
         if self.tta not in TTA_MODES:
             raise ValueError(f"tta={self.tta!r} is not one of {', '.join(TTA_MODES)}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime={self.runtime!r} is not one of {', '.join(RUNTIMES)}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch={self.max_batch} must be >= 1")
         if self.max_request_pixels < 1:
             raise ValueError(f"max_request_pixels={self.max_request_pixels} must be >= 1")
+        resolve_batching(self.max_batch_size, self.max_batch_wait_ms, {}, self.max_concurrent_batches)  # checked
 
 
 @dataclass(frozen=True)
@@ -212,16 +247,34 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         self.bundle_uris = list(bundle_uris)
         self.config = config or ServeConfig()
         self.runtimes: list[BundleModel] = []
+        self.batching = BatchingConfig(0, source="not loaded")
+        self.batcher: MicroBatcher[Batch, Answers] | None = None
         self.ready = False
 
     # ----------------------------------------------------------------------------------------- load
     def load(self) -> bool:
-        """Verify every bundle (fail closed) and build its models; `ready` only once all verified."""
-        runtimes = [
-            BundleModel(read_bundle(uri, allow_unsigned=self.config.allow_unsigned)) for uri in self.bundle_uris
-        ]
+        """Verify every bundle (fail closed) and build its models; `ready` only once all verified.
+
+        The micro-batching limits: the flags (`ServeConfig`) over the first bundle's ``serving.batching`` over
+        the defaults; a bad bundle field is refused (`BatchingFieldError`) before any model is built."""
+        config = self.config
+        bundles = [read_bundle(uri, allow_unsigned=config.allow_unsigned) for uri in self.bundle_uris]
+        first = bundles[0]
+        try:
+            batching = resolve_batching(
+                config.max_batch_size, config.max_batch_wait_ms, first.manifest, config.max_concurrent_batches
+            )
+        except BatchingConfigError as exc:
+            raise BatchingFieldError(f"bundle {first.name} {first.version}: {exc}") from None
+        runtimes = [BundleModel(bundle, runtime=config.runtime) for bundle in bundles]
         check_ensemble(runtimes)
         self.runtimes = runtimes
+        self.batching = batching
+        self.batcher = (
+            MicroBatcher(self.pool, self.infer_many, len, batching, self.name, batch_metrics())
+            if batching.enabled
+            else None
+        )
         self.ready = True
         return self.ready
 
@@ -288,7 +341,10 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         return await self.pool.run(lambda: self.decode(payload, headers))
 
     async def predict(self, payload: Batch, headers: dict[str, str] | None = None) -> Answers:
-        """`infer` on a worker thread."""
+        """`infer` on a worker thread; with micro-batching, through the batcher (one forward pass shared with
+        concurrent requests, `infer_many`)."""
+        if self.batcher is not None:
+            return await self.batcher.submit(payload)
         return await self.pool.run(lambda: self.infer(payload))
 
     async def postprocess(
@@ -346,6 +402,26 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
             raw, calibrated = self.probabilities(batch.x)
         decisions = apply_policy(self.primary.bundle.policy, calibrated, raw)
         return Answers(batch, raw, calibrated, decisions.labels, decisions.policy_names, decisions.prediction_sets)
+
+    def infer_many(self, batches: Sequence[Batch]) -> list[Answers]:
+        """Several decoded requests -> one forward pass over all their images -> each request's own answers, the
+        same as `infer` on each alone (every step after the forward is per image: TTA averaging, view
+        aggregation, calibrator, policy). Requests keep their own `Batch` (id, protocol, outputs, images)."""
+        if len(batches) == 1:
+            return [self.infer(batches[0])]
+        merged = Batch(torch.cat([b.x for b in batches]), "v2", views=batches[0].views)
+        whole = self.infer(merged)
+        out: list[Answers] = []
+        start = 0
+        for b in batches:
+            end = start + len(b)
+            rows = slice(start, end)
+            out.append(
+                Answers(b, whole.raw[rows], whole.calibrated[rows], whole.labels[rows], whole.policies[rows],
+                        whole.sets[rows])
+            )  # fmt: skip
+            start = end
+        return out
 
     def probabilities(self, x: torch.Tensor) -> tuple[FloatArray, FloatArray]:
         """(raw, calibrated) probabilities: members' softmax averaged over TTA variants, views aggregated
@@ -602,14 +678,9 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
 
 
 def image_to_array(image: Image.Image, spec: PreprocessSpec) -> UInt8Image:
-    """A decoded upload -> the uint8 HxWxC array the shared preprocessing takes (orientation, alpha, colour)."""
-    upright = ImageOps.exif_transpose(image)
-    if spec.kind == "digit-upload":
-        upright = composite_alpha(upright)  # strokes kept visible, as the photo normalisation expects
-    elif upright.mode in ("RGBA", "LA", "P", "PA"):
-        upright = Image.alpha_composite(Image.new("RGBA", upright.size, (0, 0, 0, 255)), upright.convert("RGBA"))
-    array = np.asarray(upright.convert("L" if spec.channels == 1 else "RGB"), dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
+    """A decoded upload -> the uint8 HxWxC array the shared preprocessing takes (orientation, alpha, colour):
+    the one decoding rule data_fetch applies to training images too (visionpipe/serving/upload.py)."""
+    return decode_to_array(image, spec.channels, spec.kind)
 
 
 def check_ensemble(runtimes: Sequence[BundleModel]) -> None:

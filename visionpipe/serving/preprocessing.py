@@ -4,6 +4,10 @@ A `PreprocessSpec` (defined in visionpipe/specs/preprocess.py) is stored in ever
 ``v1/grayscale+resize28+norm``) must equal the one the runtime computes, or the bundle is refused. Training
 feeds uint8 NHWC arrays from the Dataset artifact through `to_model_input`; the server decodes uploaded images
 to the same uint8 arrays first, so both sides run the very same tensor code.
+
+Decoding is shared too: `decode_to_array` (defined torch-free in visionpipe/serving/upload.py, re-exported here)
+turns a PIL image into that uint8 array (EXIF orientation, the alpha rule, colour mode) for data_fetch's image
+folders and for every upload the predictor decodes (`image_to_array`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+
+# The one decoding rule (EXIF orientation, alpha, colour mode) lives with the upload decoding, torch-free, so
+# data_fetch does not import torch for it (importing this module costs ~6 s more under load); re-exported here.
+from visionpipe.serving.upload import decode_to_array as decode_to_array
+from visionpipe.serving.upload import has_transparency as has_transparency
 
 # The spec (dataclass, signature, validation) is defined once, torch-free, in visionpipe.specs.preprocess;
 # re-exported here so the old import paths keep working.

@@ -12,6 +12,11 @@ with `Overloaded` (REST 503 ``overloaded`` with ``Retry-After``, gRPC UNAVAILABL
 bound. Queued requests hold only their parsed body. Work for a request that has already started (its
 inference, after its decoding) runs before work of requests not yet started, so at most about `workers`
 requests hold decoded data while waiting.
+
+The micro-batcher (visionpipe/serving/batching.py) runs one forward pass for several admitted requests with
+`WorkerPool.submit` (a step of requests already under way, no admission of its own), asks `WorkerPool.idle`
+whether anything could still join a batch, and keeps a cancelled request's slot taken until the forward pass
+it is part of has finished (`hold_slot`).
 """
 
 from __future__ import annotations
@@ -203,6 +208,7 @@ class WorkerPool:
         self._sequence = itertools.count()
         self._threads: list[threading.Thread] = []
         self._in_flight = 0
+        self._running = 0  # jobs a thread is running now
         self._closed = False
 
     @property
@@ -213,6 +219,17 @@ class WorkerPool:
     def in_flight(self) -> int:
         with self._lock:
             return self._in_flight
+
+    @property
+    def idle(self) -> bool:
+        """No job queued and none running (a job's result is set only after it stops counting as running)."""
+        with self._lock:
+            return not self._jobs and self._running == 0
+
+    def submit(self, fn: Callable[[], object]) -> concurrent.futures.Future[object]:
+        """Queue `fn()` as a step of requests already admitted (first priority, no admission of its own): the
+        micro-batcher's forward pass for requests that each hold their own slot."""
+        return self._submit(fn, 0)
 
     # ---------------------------------------------------------------------------------------- admission
     @contextlib.asynccontextmanager
@@ -276,12 +293,22 @@ class WorkerPool:
                 if not self._jobs:
                     return
                 job = heapq.heappop(self._jobs)
+                self._running += 1
             if not job.future.set_running_or_notify_cancel():
+                self._done_running()
                 continue
             try:
-                job.future.set_result(job.run())
+                result = job.run()
             except BaseException as exc:  # handed to the awaiting request, which answers it
+                self._done_running()
                 job.future.set_exception(exc)
+            else:
+                self._done_running()  # before the result: whoever it wakes sees this thread free (`idle`)
+                job.future.set_result(result)
+
+    def _done_running(self) -> None:
+        with self._lock:
+            self._running -= 1
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Finish the queued jobs, then stop the threads (bounded wait per thread)."""
@@ -290,6 +317,14 @@ class WorkerPool:
             self._ready.notify_all()
         for thread in self._threads:
             thread.join(timeout=timeout_s)
+
+
+def hold_slot(future: concurrent.futures.Future[object]) -> None:
+    """The current request's admission slot stays taken until `future` is done, even once the request has ended
+    (cancelled while the batched forward pass it joined still runs on a thread)."""
+    ticket = _CURRENT.get()
+    if ticket is not None:
+        ticket.last = future
 
 
 _default_pool: WorkerPool | None = None

@@ -13,6 +13,12 @@ headers, before decoding). Decoding and inference run on `--pool_workers` thread
 from the cgroup quota and the CPU affinity) with at most `--max_queue` more requests waiting (beyond that:
 503 ``overloaded`` / UNAVAILABLE); torch uses `--torch_threads` intra-op threads (default: the CPU budget
 shared out among the workers, i.e. 1 with the default workers; 0 leaves torch's own default).
+
+Micro-batching (visionpipe/serving/batching.py): concurrent requests share one forward pass of up to
+`--max_batch_size` images (0 or 1: off, one forward pass per request), the first queued request waiting at most
+`--max_batch_wait_ms` for others (none when the pool is idle). Unset, each takes the bundle's
+``serving.batching`` field, else the measured default (32 images, 2 ms); a flag wins over the bundle.
+`--max_batch` is another thing: the most images ONE request may carry.
 """
 
 from __future__ import annotations
@@ -50,6 +56,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http_port", "--port", dest="http_port", type=int, default=8080)
     parser.add_argument("--grpc_port", "--grpc-port", dest="grpc_port", type=int, default=0, help="0 = no gRPC")
     parser.add_argument("--tta", choices=TTA_MODES, default="off", help="test-time augmentation variants")
+    parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),  # visionpipe.serving.compiled.RUNTIMES (not imported here: it imports torch)
+        default="torch",
+        help="forward pass: torch, or onnx (ONNX Runtime on the bundle's compiled/member-<i>.onnx, which it must ship)",
+    )
     parser.add_argument(
         "--allow-unsigned",
         "--allow_unsigned",
@@ -127,6 +139,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         None,
         "torch intra-op threads (default: CPU budget / workers, at least 1; 0: torch's own default)",
     )
+    batching = parser.add_argument_group(
+        "micro-batching (unset: the bundle's serving.batching, else the default; visionpipe/serving/batching.py)"
+    )
+    _int_flag(batching, "max_batch_size", None, "images per shared forward pass (0 or 1: off; default 32)")
+    batching.add_argument(
+        "--max_batch_wait_ms",
+        "--max-batch-wait-ms",
+        dest="max_batch_wait_ms",
+        type=float,
+        default=None,
+        help="longest wait of the first queued request for others, ms (default 2; none when the pool is idle)",
+    )
+    _int_flag(batching, "max_concurrent_batches", None, "forward passes at once (default: one per pool worker)")
 
 
 def _int_flag(group: argparse._ArgumentGroup, name: str, default: int | None, help_text: str) -> None:
@@ -135,6 +160,7 @@ def _int_flag(group: argparse._ArgumentGroup, name: str, default: int | None, he
 
 
 def serve(args: argparse.Namespace, bundles: Sequence[str]) -> None:
+    from visionpipe.serving.batching import BatchingConfigError
     from visionpipe.serving.bundle import BundleError  # torch: imported only when serving, not for --help
     from visionpipe.serving.event_logger import EventLogger, EventLoggerError, from_flags
     from visionpipe.serving.hard_examples import HardExampleConfig, HardExampleLogger
@@ -143,13 +169,20 @@ def serve(args: argparse.Namespace, bundles: Sequence[str]) -> None:
     from visionpipe.serving.upload import InputLimits
 
     limits = InputLimits(max_bytes=args.max_bytes, max_side=args.max_side, max_pixels=args.max_pixels)
-    config = ServeConfig(
-        tta=args.tta,
-        limits=limits,
-        max_batch=args.max_batch,
-        max_request_pixels=args.max_request_pixels,
-        allow_unsigned=args.allow_unsigned,
-    )
+    try:
+        config = ServeConfig(
+            tta=args.tta,
+            limits=limits,
+            max_batch=args.max_batch,
+            max_request_pixels=args.max_request_pixels,
+            allow_unsigned=args.allow_unsigned,
+            max_batch_size=args.max_batch_size,
+            max_batch_wait_ms=args.max_batch_wait_ms,
+            max_concurrent_batches=args.max_concurrent_batches,
+            runtime=args.runtime,
+        )
+    except BatchingConfigError as exc:
+        raise SystemExit(f"python -m visionpipe.serving.server: {exc}") from None
     if args.torch_threads is not None and args.torch_threads < 0:
         raise SystemExit(f"--torch_threads={args.torch_threads} must be >= 0 (0: torch's own default)")
     budget = cpu_budget()
@@ -182,7 +215,8 @@ def serve(args: argparse.Namespace, bundles: Sequence[str]) -> None:
         raise SystemExit(f"python -m visionpipe.serving.server: refusing bundle: {exc.reason}: {exc}") from None
     print(
         f"serving {args.model_name} ({predictor.ensemble_version}) on http://{args.host}:{args.http_port}; "
-        f"cpu budget {budget}, {pool.workers} workers, queue {pool.max_queue}, torch threads {torch_threads}",
+        f"cpu budget {budget}, {pool.workers} workers, queue {pool.max_queue}, torch threads {torch_threads}, "
+        f"{predictor.batching.describe()}",
         flush=True,
     )
     if events:

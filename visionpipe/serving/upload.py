@@ -4,6 +4,9 @@
 predictor maps to an HTTP 4xx answer. The pixel count is checked from the header, before the full decode, so a
 small file that would expand to gigabytes (a decompression bomb) is refused cheaply.
 
+`decode_to_array` is the one decoding rule (EXIF orientation, transparency, colour mode) for training images
+(data_fetch) and uploads (the predictor's `image_to_array`), torch-free so data_fetch need not import torch.
+
 `normalise_digit_photo` turns a photo of a handwritten digit (dark ink on light paper, or light on dark, any
 size, possibly rotated a little, possibly with alpha or an EXIF orientation) into a uint8 (28, 28) array in
 MNIST style: white digit on black, digit scaled into a 20x20 box, centre of mass in the middle of the canvas.
@@ -28,6 +31,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
+
+from visionpipe.specs.preprocess import KINDS, PreprocessError
 
 FloatImage = npt.NDArray[np.float64]
 Mask = npt.NDArray[np.bool_]
@@ -224,6 +229,50 @@ def composite_alpha(image: Image.Image) -> Image.Image:
     background = (255, 255, 255, 255) if visible_brightness < 128 else (0, 0, 0, 255)
     canvas = Image.new("RGBA", rgba.size, background)
     return Image.alpha_composite(canvas, rgba).convert("RGB")
+
+
+# PIL modes whose pixels are grey (data_fetch stores them with one channel when `channels` is None)
+GREY_MODES: tuple[str, ...] = ("1", "L", "LA", "La", "I", "F")
+# PIL modes that carry an alpha channel; palette, grey and RGB images may instead carry a tRNS entry
+# (`image.info["transparency"]`: a palette index table, or the one grey value / RGB triple that is transparent)
+ALPHA_MODES: tuple[str, ...] = ("RGBA", "RGBa", "LA", "La", "PA")
+# The alpha rule of `decode_to_array` for kind "standard": transparent pixels are composited onto opaque black,
+# i.e. each pixel becomes its colour times its opacity (what the predictor did before the rule was shared).
+ALPHA_BACKGROUND = (0, 0, 0, 255)
+
+
+def decode_to_array(image: Image.Image, channels: int | None, kind: str = "standard") -> npt.NDArray[np.uint8]:
+    """A decoded PIL image -> the uint8 (H, W, C) array training stores and serving preprocesses. ONE rule for
+    data_fetch (visionpipe/phases/data_fetch.py) and the predictor (`image_to_array` in predictor.py):
+
+    1. EXIF orientation applied (`ImageOps.exif_transpose`), so a phone photo is upright on both sides.
+    2. Transparency flattened. kind ``standard``: every transparent or half-transparent pixel is composited onto
+       opaque black (`ALPHA_BACKGROUND`), whether the file stores it as an alpha channel (RGBA, LA, PA), a palette
+       with transparency or a tRNS colour key; an opaque image is left untouched. kind ``digit-upload``: the
+       digit rule above (`composite_alpha`: a background that contrasts with the visible strokes).
+    3. Colour mode: `channels` 1 -> grey (PIL's ``L``: ITU-R 601-2 luma), 3 -> RGB; None -> the image's own
+       (grey modes stay one channel, every other mode becomes RGB), which data_fetch stores.
+    """
+    if kind not in KINDS:
+        raise PreprocessError(f"kind={kind!r} is not allowed; allowed values: {', '.join(KINDS)}")
+    if channels not in (None, 1, 3):
+        raise PreprocessError(f"channels={channels!r} is not allowed; allowed values: 1 (grey), 3 (RGB), None (own)")
+    upright = ImageOps.exif_transpose(image)
+    grey = upright.mode in GREY_MODES or upright.mode.startswith("I;")
+    if kind == "digit-upload":
+        flat = composite_alpha(upright)  # strokes kept visible, as the photo normalisation expects
+    elif has_transparency(upright):
+        flat = Image.alpha_composite(Image.new("RGBA", upright.size, ALPHA_BACKGROUND), upright.convert("RGBA"))
+    else:
+        flat = upright
+    want = channels if channels is not None else (1 if grey else 3)
+    array = np.asarray(flat.convert("L" if want == 1 else "RGB"), dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """Whether `image` can hold a transparent pixel: an alpha mode, or a tRNS / palette transparency entry."""
+    return image.mode in ALPHA_MODES or "transparency" in image.info
 
 
 def _to_grayscale(image: Image.Image) -> FloatImage:

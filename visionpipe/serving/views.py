@@ -22,11 +22,13 @@ Views (`visionpipe.specs.preprocess.ViewsSpec`; ``spec.views is None`` = the glo
   back), so threshold_sweep, calibration and the served calibrator / policy read it exactly like logits:
   - binary (K = 2, positive class index p): the per-view positive log-odds m_v = log p_v(pos) - log p_v(neg)
     are pooled (``max``: the largest, so P(positive) = the largest view's P(positive); ``topk_mean``: the mean of
-    the k largest; ``mean``: the mean), and the row is (log sigmoid(-m), log sigmoid(m)) in class order. Max and
-    top-k are one-sided on purpose: roadwork in ANY tile makes the image positive.
+    the k largest; ``mean``: the mean; ``learned``: sum_v w_v m_v with the spec's weights, a convex mix), and the
+    row is (log sigmoid(-m), log sigmoid(m)) in class order. Max and top-k are one-sided on purpose: roadwork in
+    ANY tile makes the image positive.
   - multiclass (K > 2): each class's log-probability is pooled over the views the same way, then renormalised
-    (log_softmax). For ``mean`` this is the normalised geometric mean of the views' probabilities, and binary
-    ``mean`` is the same thing.
+    (log_softmax). For ``mean`` this is the normalised geometric mean of the views' probabilities, for
+    ``learned`` the weighted one, and binary ``mean`` / ``learned`` are the same thing (uniform weights are
+    ``mean`` exactly).
 - TTA (serving only) composes: each view's TTA variants are averaged first (per-view log-probabilities), then the
   views are aggregated.
 """
@@ -127,26 +129,36 @@ def aggregate_views(rows: npt.NDArray[np.floating], spec: PreprocessSpec, positi
         raise PreprocessError(
             f"view rows of shape {values.shape} do not hold {views.count} views per image ({views.signature})"
         )
-    k_classes = values.shape[1]
-    per_image = _log_softmax(values.reshape(-1, views.count, k_classes))
+    return pool_views(_log_softmax(values.reshape(-1, views.count, values.shape[1])), views, positive_index)
+
+
+def pool_views(per_view: FloatArray, views: ViewsSpec, positive_index: int = 1) -> FloatArray:
+    """Per-view log-probabilities (N, V, K) -> the aggregated log-probabilities (N, K) under `views`' aggregation
+    (the second half of `aggregate_views`; supervised_train's choice on val_select pools cached per-view rows
+    through it, so every candidate is scored by the code that serves it)."""
+    k_classes = per_view.shape[2]
     if k_classes == 2:
         if positive_index not in (0, 1):
             raise PreprocessError(f"positive_index={positive_index} must be 0 or 1 for a binary task")
         p = positive_index
-        margin = _pool(per_image[..., p] - per_image[..., 1 - p], views)  # (N,) positive log-odds
+        margin = _pool(per_view[..., p] - per_view[..., 1 - p], views)  # (N,) positive log-odds
         out = np.empty((margin.shape[0], 2), dtype=np.float64)
         out[:, p] = -np.logaddexp(0.0, -margin)  # log sigmoid(m)
         out[:, 1 - p] = -np.logaddexp(0.0, margin)  # log sigmoid(-m)
         return out
-    return _log_softmax(_pool(per_image, views))
+    return _log_softmax(_pool(per_view, views))
 
 
 def _pool(values: FloatArray, views: ViewsSpec) -> FloatArray:
-    """Pool over axis 1 (the views): max, mean of the k largest, or mean."""
+    """Pool over axis 1 (the views): max, mean of the k largest, mean, or the learned convex mix."""
     if views.aggregate == "max":
         return np.asarray(values.max(axis=1), dtype=np.float64)
     if views.aggregate == "mean":
         return np.asarray(values.mean(axis=1), dtype=np.float64)
+    if views.aggregate == "learned":
+        weights = np.asarray(views.weights, dtype=np.float64)
+        weights = weights / weights.sum()  # exactly convex after rounding (ViewsSpec: sums to 1 within 1e-3)
+        return np.asarray(np.einsum("nv...,v->n...", values, weights), dtype=np.float64)
     top = np.sort(values, axis=1)[:, values.shape[1] - views.k :]
     return np.asarray(top.mean(axis=1), dtype=np.float64)
 
@@ -179,6 +191,23 @@ def predict_rows(
     ]
     if not parts:
         raise PreprocessError("predict_rows got no images")
+    return np.concatenate(parts)
+
+
+def view_log_probs(rows_fn: RowsFn, images: UInt8Images, spec: PreprocessSpec, batch_size: int = 256) -> FloatArray:
+    """Per-view log-probabilities (N, V, K) of `images` under `spec`'s views (its aggregation unused): the same
+    chunks and model input as `predict_rows`, one forward pass of (images * views) rows per chunk, before
+    pooling. `pool_views` of the result is `predict_rows`' answer (up to float rounding)."""
+    if spec.views is None:
+        raise PreprocessError("view_log_probs needs a preprocessing spec with views")
+    count = spec.views.count
+    step = max(1, batch_size // count)
+    parts = []
+    for start in range(0, len(images), step):
+        rows = np.asarray(rows_fn(model_input(images[start : start + step], spec)), dtype=np.float64)
+        parts.append(_log_softmax(rows.reshape(-1, count, rows.shape[1])))
+    if not parts:
+        raise PreprocessError("view_log_probs got no images")
     return np.concatenate(parts)
 
 

@@ -30,6 +30,7 @@ PIPELINES: Final = ("training", "monthly-retrain")
 CALIBRATION_METHODS: Final = ("auto", "identity", "temperature", "platt", "beta", "isotonic")  # calibration.py
 CONFORMAL_SCORES: Final = ("lac", "aps", "aps-conservative", "raps")  # serving/policies.py CONFORMAL_METHODS
 ACTIVE_POLICIES: Final = ("threshold", "scrc")  # calibration.py ACTIVE_CHOICES
+COMPILED_RUNTIMES: Final = ("none", "onnx")  # serving/compiled.py COMPILED_RUNTIMES (bundle_validation)
 SIMPLE_OBJECTIVES: Final = ("mcc", "f1", "youden")  # threshold_sweep.py
 CONSTRAINED_OBJECTIVES: Final = ("recall_at_precision", "precision_at_recall")  # threshold_sweep.py
 SPLIT_RATIOS: Final = ("train_ratio", "val_select_ratio", "val_calib_ratio", "val_test_ratio")
@@ -179,8 +180,15 @@ def _shared() -> list[Param]:
     """Parameters both pipelines take, with the same meaning and constraints."""
     return [
         Param("positive_class", "STRING", "", note="empty = none; else one of the class names"),
-        Param("image_size", "NUMBER_INTEGER", 0, interval=Interval(0, MAX_IMAGE_SIZE), note="0 = native size"),
+        Param(
+            "image_size",
+            "NUMBER_INTEGER",
+            0,
+            interval=Interval(0, MAX_IMAGE_SIZE),
+            note="0 = native size if all images share one, else the recipe's input side",
+        ),
         Param("seed", "NUMBER_INTEGER", 0),
+        Param("compiled_runtime", "STRING", "none", choices=COMPILED_RUNTIMES),
         Param("recipe", "STRING", "digits-cnn", check=_non_empty, allowed_text="a recipe name or YAML path"),
         Param(
             "recipe_overrides_json",

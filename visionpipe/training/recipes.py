@@ -31,7 +31,7 @@ from visionpipe.specs.checks import SpecError
 from visionpipe.specs.checks import in_range as _spec_in_range
 from visionpipe.specs.checks import one_of as _spec_one_of
 from visionpipe.specs.peft import METHODS, PeftChoice
-from visionpipe.specs.preprocess import KINDS, ViewsSpec
+from visionpipe.specs.preprocess import KINDS, ViewsChoice
 from visionpipe.specs.registry import ARCHITECTURES, TRANSFORMERS
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -200,14 +200,15 @@ PeftRecipe = PeftChoice
 class PreprocessRecipe:
     """The `visionpipe.serving.preprocessing.PreprocessSpec` a recipe chooses. channels: 1 | 3 | 0 (= the data's
     channels). A single mean / std value is repeated for every channel. views: multi-view inference (global view
-    + tiles, `visionpipe.specs.preprocess.ViewsSpec`), off when absent."""
+    + tiles, `visionpipe.specs.preprocess.ViewsChoice`: a concrete `ViewsSpec`, or ``aggregate: auto`` /
+    ``learned`` without weights, which supervised_train resolves on val_select), off when absent."""
 
     kind: str = "standard"
     channels: int = 0
     size: int = 28
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
-    views: ViewsSpec | None = None
+    views: ViewsChoice | None = None
 
     def __post_init__(self) -> None:
         _one_of("preprocess.kind", self.kind, PREPROCESS_KINDS)
@@ -270,13 +271,17 @@ class Recipe:
             )
 
     def to_dict(self) -> dict[str, object]:
-        """Plain JSON/YAML-ready mapping (tuples become lists). `preprocess.views` is left out while off, so the
-        recipes written before views existed keep their content hash."""
+        """Plain JSON/YAML-ready mapping (tuples become lists). `preprocess.views` is left out while off, and its
+        `weights` while empty, so the recipes written before views (or learned weights) existed keep their
+        content hash."""
         payload = _plain(asdict(self))
         assert isinstance(payload, dict)
         preprocess = payload.get("preprocess")
         if isinstance(preprocess, dict) and preprocess.get("views") is None:
             preprocess.pop("views", None)
+        views = preprocess.get("views") if isinstance(preprocess, dict) else None
+        if isinstance(views, dict) and not views.get("weights"):
+            views.pop("weights", None)
         return payload
 
     @classmethod

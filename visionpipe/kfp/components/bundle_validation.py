@@ -27,12 +27,15 @@ def bundle_validation(
     champion_uri: str = "",
     champion_margin: float = 0.0,
     threshold_at_half: bool = False,
+    compiled_runtime: str = "none",
 ) -> None:
     """Assemble the candidate bundle and check it: schema, checksums, preprocessing signature, policy, split
     contract, parity with training, quality gates (negative = off) and the optional champion. Fails the step,
     naming every failed check, when any check fails. threshold_at_half: assemble a binary bundle whose calibrated
     probability is remapped so the chosen threshold sits at 0.5 (same decisions); it is that bundle which is checked,
-    signed and then published by export unchanged."""
+    signed and then published by export unchanged. compiled_runtime=onnx: also ship the model exported to ONNX
+    (compiled/member-<i>.onnx, checksummed and signed), refused unless its decisions equal the torch model's on
+    val_calib and val_test."""
     from visionpipe.phases.pod import require_s3_credentials, require_signing_key_in_pod
 
     require_s3_credentials(champion_uri)  # first thing: no S3 settings -> fail naming the Secret, before any work
@@ -57,6 +60,7 @@ def bundle_validation(
             submitter=submitter,
             parent_bundle=parent_bundle,
             threshold_at_half=threshold_at_half,
+            compiled_runtime=compiled_runtime,
         )
     except ValidationFailed as exc:
         Path(report.path).write_text(str(exc).split("\n\n", 1)[-1])

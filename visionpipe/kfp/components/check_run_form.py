@@ -48,6 +48,7 @@ def check_training_run_form(
     champion_margin: float,
     destination: str,
     threshold_at_half: bool,
+    compiled_runtime: str,
 ) -> None:
     """The first step of the training pipeline: check the whole run form (every parameter as the run
     received it) against visionpipe.specs.params, so a bad value fails the run before any work, naming each bad
@@ -88,6 +89,7 @@ def check_monthly_run_form(
     max_ece: float,
     champion_margin: float,
     destination: str,
+    compiled_runtime: str,
     start_canary_enabled: bool,
     isvc_name: str,
     namespace: str,

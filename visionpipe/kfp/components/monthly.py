@@ -17,6 +17,8 @@ def fetch_month(
     seed: int = 0,
     positive_class: str = "",
     image_size: int = 0,
+    recipe: str = "",
+    recipe_overrides_json: str = "{}",
     schedule_time: str = "",
     create_time: str = "",
 ) -> str:
@@ -37,7 +39,13 @@ def fetch_month(
             data_prefix, data_month, hard_examples_prefix, Path(tmp) / "images", schedule_time, create_time
         )
         result = run(
-            str(month.folder), Path(dataset.path), seed=seed, positive_class=positive_class, image_size=image_size
+            str(month.folder),
+            Path(dataset.path),
+            seed=seed,
+            positive_class=positive_class,
+            image_size=image_size,
+            recipe=recipe,
+            recipe_overrides_json=recipe_overrides_json,
         )
     record_month(Path(dataset.path), month)
     basis = month.choice.describe() if month.choice else ""

@@ -80,5 +80,11 @@ def supervised_train(
     metrics.log_metric("train_images_per_second", round(result.images_per_second, 1))
     for split, acc in result.split_accuracy.items():
         metrics.log_metric(f"{split}_accuracy", round(acc, 6))
+    if result.views_selection:  # the recipe's views were chosen / fitted on val_select (aggregate auto / learned)
+        model.metadata["views"] = str(result.views_selection.get("signature", ""))
+        candidates = result.views_selection.get("candidates", {})
+        for name, scores in (candidates if isinstance(candidates, dict) else {}).items():
+            if isinstance(scores, dict) and "nll" in scores:
+                metrics.log_metric(f"val_select_views_nll_{name}", round(float(scores["nll"]), 6))
     if mirror:  # every output is written: the mirror has done its job
         remove_mirror(mirror)
