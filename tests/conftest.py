@@ -169,3 +169,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if os.environ.get("VISIONPIPE_NO_SKIPS") == "1" and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped under VISIONPIPE_NO_SKIPS=1 (CI): {report.longrepr}"
+
+
+@pytest.fixture(scope="module")
+def pretrained_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private conversion cache for the ImageNet backbones (visionpipe/training/pretrained.py) of one test module,
+    never the user's ~/.cache: $VISIONPIPE_PRETRAINED_CACHE points at it while the module runs."""
+    from visionpipe.training import pretrained
+
+    root = tmp_path_factory.mktemp("pretrained-cache")
+    saved = os.environ.get(pretrained.CACHE_ENV)
+    os.environ[pretrained.CACHE_ENV] = str(root)
+    yield root
+    if saved is None:
+        os.environ.pop(pretrained.CACHE_ENV, None)
+    else:
+        os.environ[pretrained.CACHE_ENV] = saved

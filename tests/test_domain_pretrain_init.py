@@ -4,8 +4,6 @@ same `default_backbone` supervised_train uses) unless a backbone is given, which
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,19 +40,6 @@ KEYS = ("stem.weight", "blocks.15._expand_conv.weight", "top.weight")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private conversion cache (never the user's ~/.cache)."""
-    root = tmp_path_factory.mktemp("pretrained-cache")
-    saved = os.environ.get(P.CACHE_ENV)
-    os.environ[P.CACHE_ENV] = str(root)
-    yield root
-    if saved is None:
-        os.environ.pop(P.CACHE_ENV, None)
-    else:
-        os.environ[P.CACHE_ENV] = saved
-
-
-@pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(40, SIZE, SIZE, 3), dtype=np.uint8)
@@ -68,7 +53,7 @@ def _output(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / BACKBONE_FILE))
 
 
-def test_efficientnet_lite_starts_from_imagenet(cache: Path, dataset_dir: Path, tmp_path: Path) -> None:
+def test_efficientnet_lite_starts_from_imagenet(pretrained_cache: Path, dataset_dir: Path, tmp_path: Path) -> None:
     lines: list[str] = []
     run(dataset_dir, tmp_path, LITE0, PREP, ONE_STEP, log=lines.append)
     imagenet = load_file(str(P.imagenet_backbone(LITE0) / BACKBONE_FILE))
@@ -82,7 +67,7 @@ def test_efficientnet_lite_starts_from_imagenet(cache: Path, dataset_dir: Path, 
     assert "efficientnet-lite0 from imagenet weights" in lines[0]
 
 
-def test_a_given_backbone_wins(cache: Path, dataset_dir: Path, tmp_path: Path) -> None:
+def test_a_given_backbone_wins(pretrained_cache: Path, dataset_dir: Path, tmp_path: Path) -> None:
     torch.manual_seed(7)
     mine = build_model(LITE0)
     save_backbone(mine, tmp_path / "mine")

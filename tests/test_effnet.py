@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,20 +43,7 @@ LITE0 = ArchSpec("efficientnet-lite0", 2, 3, 224)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private conversion cache for this module (never the user's ~/.cache)."""
-    root = tmp_path_factory.mktemp("pretrained-cache")
-    saved = os.environ.get(P.CACHE_ENV)
-    os.environ[P.CACHE_ENV] = str(root)
-    yield root
-    if saved is None:
-        os.environ.pop(P.CACHE_ENV, None)
-    else:
-        os.environ[P.CACHE_ENV] = saved
-
-
-@pytest.fixture(scope="module")
-def converted(cache: Path) -> Path:
+def converted(pretrained_cache: Path) -> Path:
     """lite0's ImageNet weights converted with every socket refused (offline), torch.load spied on."""
     calls: list[dict[str, object]] = []
     real_load, real_connect = torch.load, socket.socket.connect
@@ -314,7 +300,7 @@ def _jpeg(image: npt.NDArray[np.uint8]) -> bytes:
 @pytest.mark.long  # `make test-long` (run by .ci/run): keeps `make test` within its 15 minutes
 @pytest.mark.skipif(not ROADWORK.is_dir(), reason="../shared/datasets/roadwork-tracon is not here")
 def test_roadwork_pipeline_end_to_end_served_over_v2_jpeg_bytes(
-    road_subset: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    road_subset: Path, pretrained_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tritonhttp = pytest.importorskip("tritonclient.http")
     from visionpipe.cli import main

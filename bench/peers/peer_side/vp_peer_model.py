@@ -7,7 +7,8 @@ modules, never kserve (which is not installed in a peer venv):
   calibrator, policy) and `BundleModel` (the checked `load_member`, `log_probs`, `aggregate`, `decide`), the
   classes our predictor serves with;
 - one image: `visionpipe.serving.upload.open_image` + `load_image` (header checks, then decode),
-  `image_to_array` below (orientation, alpha, colour), `visionpipe.serving.views.model_input` (the shared
+  `visionpipe.serving.upload.decode_to_array` (orientation, alpha, colour: the predictor's rule),
+  `visionpipe.serving.views.model_input` (the shared
   preprocessing, `to_model_input` for a bundle without views): the steps of our predictor's `_plan_encoded` /
   `_load_encoded` / `_materialise`;
 - the answer: `BundleModel.decide(BundleModel.aggregate(BundleModel.log_probs(x)))`, i.e. the calibrated
@@ -29,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from visionpipe.serving.bundle import BundleModel, read_bundle
 from visionpipe.serving.runtime import configure_torch_threads
-from visionpipe.serving.upload import composite_alpha, load_image, open_image
+from visionpipe.serving.upload import decode_to_array, load_image, open_image
 from visionpipe.serving.views import model_input
 from visionpipe.specs import PreprocessSpec
 
@@ -42,16 +43,8 @@ LOG_BATCHES_ENV = "VP_PEER_LOG_BATCHES"  # "1": print "vp-peer batch <n>" per fo
 
 
 def image_to_array(image: Image.Image, spec: PreprocessSpec) -> npt.NDArray[np.uint8]:
-    """A decoded upload -> uint8 HxWxC: a copy of `visionpipe.serving.predictor.image_to_array`, which cannot be
-    imported here (predictor.py imports kserve). The smoke test (bench/peers/smoke.py) checks that every peer's
-    probabilities equal our server's for the same PNGs."""
-    upright = ImageOps.exif_transpose(image)
-    if spec.kind == "digit-upload":
-        upright = composite_alpha(upright)
-    elif upright.mode in ("RGBA", "LA", "P", "PA"):
-        upright = Image.alpha_composite(Image.new("RGBA", upright.size, (0, 0, 0, 255)), upright.convert("RGBA"))
-    array = np.asarray(upright.convert("L" if spec.channels == 1 else "RGB"), dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
+    """A decoded upload -> uint8 HxWxC, by the one rule data_fetch and our predictor's `image_to_array` share."""
+    return decode_to_array(image, spec.channels, spec.kind)
 
 
 def image_bytes(item: bytes | str) -> bytes:
