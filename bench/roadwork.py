@@ -56,7 +56,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from visionpipe.data.datasets import load_dataset
+from visionpipe.data.datasets import SPLITS, load_dataset, write_json
 from visionpipe.data.logits import load_logits
 from visionpipe.phases import calibration, data_fetch, supervised_train, threshold_sweep
 from visionpipe.phases.threshold_sweep import bootstrap_binary, choose_binary, exact_sweep, parse_objective
@@ -138,12 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="", help="work folder (default: a temporary one)")
     parser.add_argument("--json", default="", help="also write the full report to this JSON file")
     parser.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="K-fold evaluation: per seed, K runs whose val_test are the K disjoint folds (every photo tested once)",
+    )
+    parser.add_argument(
         "--pool", nargs="+", default=None, metavar="JSON", help="no training: pool the seeds of earlier --json reports"
     )
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seed is not None:
         parser.error("give --seeds or --seed, not both")
     seeds: list[int] = args.seeds if args.seeds is not None else [args.seed if args.seed is not None else 0]
+    if args.folds == 1 or args.folds < 0:
+        parser.error(f"--folds={args.folds}: give 0 (data_fetch's own split) or K >= 2 folds")
     torch.set_num_threads(args.threads)
     if args.pool:
         return _pool(args)
@@ -171,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     scored: dict[str, list[Scored]] = {v: [] for v in entries}
     probe_scored: list[Scored] = []
     with tempfile.TemporaryDirectory(prefix="bench-roadwork-") as tmp:
-        for seed in seeds:
-            out = Path(args.out or tmp) / f"seed{seed}"
-            row = _one_seed(args, seed, base, entries, data_size, out, scored, probe_scored)
-            per_seed.append(row)
+        for seed, fold in itertools.product(seeds, range(args.folds) if args.folds else [None]):
+            name = f"seed{seed}" if fold is None else f"seed{seed}-fold{fold}"
+            out = Path(args.out or tmp) / name
+            per_seed.append(_one_seed(args, seed, fold, base, entries, data_size, out, scored, probe_scored))
     if args.train_only:
         return 0
     summary = _summary(args, entries, per_seed, scored, probe_scored, time.perf_counter() - started, data_size)
@@ -189,9 +197,9 @@ def _pool(args: argparse.Namespace) -> int:
     if any(r["entries"] != entries or r["recipe_hash"] != reports[0]["recipe_hash"] for r in reports):
         raise SystemExit(f"--pool: the reports {args.pool} differ in --views entries or recipe; pool one setting")
     per_seed = [row for r in reports for row in r["per_seed"]]
-    seeds = [row["seed"] for row in per_seed]
+    seeds = [(row["seed"], row.get("fold")) for row in per_seed]
     if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"--pool: seed(s) repeated across the reports: {seeds}")
+        raise SystemExit(f"--pool: (seed, fold) repeated across the reports: {seeds}")
 
     def answers(payload: dict[str, list[float]]) -> Scored:
         return Scored(
@@ -229,6 +237,7 @@ def _finish(args: argparse.Namespace, entries: list[str], summary: dict[str, obj
 def _one_seed(
     args: argparse.Namespace,
     seed: int,
+    fold: int | None,
     base: dict[str, object],
     entries: list[str],
     data_size: int,
@@ -238,8 +247,10 @@ def _one_seed(
 ) -> dict[str, object]:
     recipes = {v: load_recipe(RECIPE, {**base, "seed": seed, **view_overrides(v)}) for v in entries}
     fetched = data_fetch.run(args.source, out / "dataset", seed=seed, positive_class="roadwork", image_size=data_size)
-    counts = {s: sum(c.values()) for s, c in fetched.class_counts.items()}
-    print(f"seed {seed} data: {fetched.num_images} images, splits {counts} (stored at {data_size} px)", flush=True)
+    class_counts = fetched.class_counts if fold is None else refold(out / "dataset", seed, fold, args.folds)
+    counts = {s: sum(c.values()) for s, c in class_counts.items()}
+    where = "" if fold is None else f" fold {fold + 1}/{args.folds} as val_test,"
+    print(f"seed {seed} data: {fetched.num_images} images,{where} splits {counts} ({data_size} px)", flush=True)
 
     probe: dict[str, object] = {}
     row_answers: dict[str, object] = {}
@@ -272,6 +283,7 @@ def _one_seed(
     )
     row: dict[str, object] = {
         "seed": seed,
+        "fold": fold,
         "splits": counts,
         "train_seconds": result.train_seconds,
         "recipe_hash": recipe_hash(load_recipe(RECIPE, {**base, **view_overrides(entries[0])})),
@@ -415,6 +427,51 @@ def _summary(
     return report
 
 
+def refold(dataset_dir: Path, seed: int, fold: int, folds: int) -> dict[str, dict[str, int]]:
+    """Rewrite the Dataset's splits.json so that val_test is fold `fold` of `folds` disjoint, stratified folds,
+    and train / val_select / val_calib split the rest 7 : 1 : 1 (data_fetch's default proportions). As in
+    data_fetch.assign_splits: identical images form one group, kept in one split; within each class the groups
+    are ordered by hash, shuffled with (seed, class) and placed by the midpoint of their cumulative image count.
+    Over fold = 0 .. folds - 1 every image is in val_test exactly once. Returns the class counts per split."""
+    meta = json.loads((dataset_dir / "dataset.json").read_text())
+    hashes: list[str] = meta["hashes"]
+    ids: list[str] = meta["ids"]
+    classes: list[str] = meta["classes"]
+    labels = np.load(dataset_dir / "labels.npy")
+    groups: dict[str, list[int]] = {}
+    for i, h in enumerate(hashes):
+        groups.setdefault(h, []).append(i)
+    by_class: dict[int, list[str]] = {}
+    for h, members in groups.items():
+        by_class.setdefault(int(np.bincount(labels[members]).argmax()), []).append(h)
+    assignment = np.full(len(hashes), -1, dtype=np.int64)
+    rest_bounds = np.cumsum([7 / 9, 1 / 9, 1 / 9])
+    for cls, class_hashes in sorted(by_class.items()):
+        ordered = sorted(class_hashes)
+        order = [ordered[p] for p in np.random.default_rng([seed, cls, folds]).permutation(len(ordered))]
+        total = sum(len(groups[h]) for h in ordered)
+        seen, rest = 0, []
+        for h in order:
+            mid = (seen + len(groups[h]) / 2) / total
+            seen += len(groups[h])
+            if min(int(mid * folds), folds - 1) == fold:
+                assignment[groups[h]] = 3  # val_test
+            else:
+                rest.append(h)
+        rest_total, seen = sum(len(groups[h]) for h in rest), 0
+        for h in rest:
+            mid = (seen + len(groups[h]) / 2) / rest_total
+            seen += len(groups[h])
+            assignment[groups[h]] = min(int(np.searchsorted(rest_bounds, mid, side="right")), 2)
+    split_indices = {s: np.flatnonzero(assignment == k) for k, s in enumerate(SPLITS)}
+    counts = data_fetch._class_counts(split_indices, labels, classes)
+    ratios = tuple(len(split_indices[s]) / len(hashes) for s in SPLITS)
+    config = data_fetch.FetchConfig(ratios=(ratios[0], ratios[1], ratios[2], 1.0 - sum(ratios[:3])), seed=seed)
+    payload = data_fetch._splits_payload(split_indices, hashes, ids, counts, config)
+    write_json(dataset_dir / "splits.json", payload)
+    return counts
+
+
 def _plain_answers(answers: Scored) -> dict[str, object]:
     labels, predicted = answers.labels.tolist(), answers.predicted.tolist()
     return {"labels": labels, "predicted": predicted, "p_true": answers.p_true.tolist()}
@@ -471,8 +528,8 @@ def paired_comparison(model: list[Scored], probe: list[Scored], n_boot: int, see
 
 def linear_probe(dataset_dir: Path, recipe: Recipe) -> tuple[dict[str, object], Scored]:
     """LogisticRegression on frozen ImageNet features (global view): fitted on train, C chosen by MCC on
-    val_select at 0.5, the MCC threshold on P(roadwork) chosen on val_calib; reported on val_test (MCC, accuracy,
-    log-loss and ECE of its own probabilities)."""
+    val_select at 0.5 (ties: the lower val_select log-loss), the MCC threshold on P(roadwork) chosen on
+    val_calib; reported on val_test (MCC, accuracy, log-loss and ECE of its own probabilities)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -497,14 +554,18 @@ def linear_probe(dataset_dir: Path, recipe: Recipe) -> tuple[dict[str, object], 
     x_calib, x_test = features(calib.images), features(test.images)
     seconds = time.perf_counter() - started
     scaler = StandardScaler().fit(x_train)
-    best: tuple[float, float, LogisticRegression] | None = None
+    # C by val_select MCC, ties broken by val_select log-loss: the rule supervised_train picks its epoch by
+    # (is_improvement), so the probe is chosen as fairly as the fine-tuned model
+    best: tuple[float, float, float, LogisticRegression] | None = None
     for c in PROBE_C:
         clf = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(x_train), train.labels)
-        score = mcc(select.labels == 1, clf.predict(scaler.transform(x_select)) == 1)
-        if best is None or score > best[0]:
-            best = (score, c, clf)
+        probs_select = clf.predict_proba(scaler.transform(x_select)).astype(np.float64)
+        score = mcc(select.labels == 1, probs_select.argmax(axis=1) == 1)
+        loss = nll(probs_select, select.labels.astype(np.int64))
+        if best is None or score > best[0] or (score == best[0] and loss < best[2]):
+            best = (score, c, loss, clf)
     assert best is not None
-    clf = best[2]
+    clf = best[3]
     curve = exact_sweep(clf.predict_proba(scaler.transform(x_calib))[:, 1], calib.labels == 1)
     threshold = float(curve.threshold[choose_binary(curve, parse_objective("mcc"))])
     probs = clf.predict_proba(scaler.transform(x_test)).astype(np.float64)
@@ -513,6 +574,7 @@ def linear_probe(dataset_dir: Path, recipe: Recipe) -> tuple[dict[str, object], 
     report: dict[str, object] = {
         "C": best[1],
         "val_select_mcc": best[0],
+        "val_select_log_loss": best[2],
         "threshold": threshold,
         "mcc": mcc(labels == 1, predicted == 1),
         "accuracy": float(np.mean(predicted == labels)),

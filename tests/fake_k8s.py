@@ -87,6 +87,33 @@ class _Revisions:
     previous: str = ""
 
 
+# ------------------------------------------------------------------------------------ the loopback server
+def server_url(server: ThreadingHTTPServer | None) -> str:
+    assert server is not None, "not started"
+    host, port = server.server_address[:2]
+    return f"http://{host!s}:{port}"
+
+
+@contextmanager
+def serve_on_loopback(fake: object, handler: type[BaseHTTPRequestHandler]) -> Iterator[ThreadingHTTPServer]:
+    """A ThreadingHTTPServer on 127.0.0.1 (a free port) in a daemon thread, whose handler (a subclass of `handler`)
+    reaches `fake` as `self.kube`; shut down and joined on exit. Shared by the fake API servers."""
+
+    class Handler(handler):  # type: ignore[valid-type,misc]  # a subclass per fake, bound to it
+        kube = fake
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 @dataclass
 class FakeKube:
     """The fake API server; `url` once started (use `running()`)."""
@@ -110,29 +137,16 @@ class FakeKube:
     # ---------------------------------------------------------------------------------------- lifecycle
     @property
     def url(self) -> str:
-        assert self._server is not None, "not started"
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return server_url(self._server)
 
     @contextmanager
     def running(self) -> Iterator[FakeKube]:
-        fake = self
-
-        class Handler(_Handler):
-            kube = fake
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        self._server = server
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
-            self._server = None
+        with serve_on_loopback(self, _Handler) as server:
+            self._server = server
+            try:
+                yield self
+            finally:
+                self._server = None
 
     def kubeconfig(self, namespace: str, context: str = "fake") -> Json:
         """A kubeconfig (as a dict, dump it to YAML) pointing at this server, with `namespace` as its default."""

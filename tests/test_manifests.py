@@ -361,3 +361,46 @@ def test_the_image_is_settable_with_kustomize_edit_set_image(tmp_path: Path, ren
     for overlay in ("shadow", "shadow-standard"):  # the runtime and the collector
         pinned = [v for d in render(tree / "overlays" / overlay, KUBECTL) for k, v in walk(d) if k == "image"]
         assert len(pinned) == 2 and set(pinned) == {f"registry.example.com/ml/visionpipe@{digest}"}
+
+
+# --------------------------------------------------------------------------------------------- manifests/trainer
+def test_the_trainer_runtime_is_torch_distributed_in_the_project_image(rendered: dict[str, list[Json]]) -> None:
+    """The ClusterTrainingRuntime that visionpipe/kfp/trainjob.py's TrainJobs name: the torch ML policy, one
+    replicated job `node` (the Trainer's trainer step), torchrun of the worker module, non-root, S3 settings from
+    the Secret only, and no torchrun setting of its own (the torch plugin injects PET_*)."""
+    from visionpipe.kfp import trainjob
+    from visionpipe.serving.storage import S3_SECRET, S3_SECRET_KEYS
+
+    (runtime,) = of_kind(rendered["trainer"], trainjob.RUNTIME_KIND, trainjob.RUNTIME_NAME)
+    assert rendered["trainer"] == [runtime], "cluster-scoped runtime only: namespaced objects go elsewhere"
+    assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"  # type: ignore[index]
+    spec = runtime["spec"]
+    assert "torch" in spec["mlPolicy"]  # type: ignore[index]
+    (node,) = spec["template"]["spec"]["replicatedJobs"]  # type: ignore[index]
+    assert node["name"] == "node"
+    assert node["template"]["metadata"]["labels"] == {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    assert container["name"] == "node" and container["command"] == ["torchrun"]
+    assert container["args"] == ["--module", trainjob.WORKER_MODULE]
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    env = {e["name"]: e for e in container["env"]}
+    secret_env = {n: e for n, e in env.items() if "valueFrom" in e}
+    assert set(secret_env) == set(S3_SECRET_KEYS.values())
+    assert all(
+        e["valueFrom"]["secretKeyRef"] == {"name": S3_SECRET, "key": n, "optional": False}
+        for n, e in secret_env.items()
+    )
+    assert not set(env) & set(trainjob.RESERVED_ENV)
+    assert not any(k.startswith("AWS_") and "value" in e for k, e in env.items()), "no credential values"
+
+
+def test_the_trainer_image_entry_matches_the_serving_one() -> None:
+    entries = {}
+    for name in ("common", "trainer"):
+        data = yaml.safe_load((MANIFESTS / name / "kustomization.yaml").read_text())
+        (entry,) = [e for e in data["images"] if e["name"] == "visionpipe"]
+        entries[name] = entry
+    assert entries["trainer"] == entries["common"], "keep the images: entries equal (one project image)"

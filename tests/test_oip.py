@@ -385,3 +385,54 @@ def test_binary_body_sent_as_json_names_the_extension(served: tuple[ServerProces
     status, reply = _request(served, "POST", f"/v2/models/{MODEL}/infer", body, headers)
     assert status == 400 and str(reply["error"]).startswith("bad_json"), reply
     assert "Inference-Header-Content-Length" in str(reply["error"])
+
+
+# ------------------------------------------------------------------------------ the REST v2 answer's one pass
+def _answer(requested: list[tuple[str, bool]] | None, binary_default: bool = False) -> object:
+    """An InferResponse shaped like the predictor's: every datatype it answers with, and a parameter."""
+    from kserve.protocol.infer_type import InferOutput, InferResponse, RequestedOutput
+
+    rng = np.random.default_rng(0)
+    tensors: dict[str, tuple[str, np.ndarray]] = {
+        "label": ("INT64", np.array([3, -1], np.int64)),
+        "probabilities": ("FP32", rng.random((2, 10)).astype(np.float32)),
+        "confidence": ("FP32", np.array([0.123456789, 1e-7], np.float32)),
+        "abstain": ("BOOL", np.array([False, True])),
+        "result": ("BYTES", np.array([json.dumps({"k": "é"}).encode(), b"{}"], dtype=np.object_)),
+    }
+    outputs = [InferOutput(n, list(a.shape), dt, data=a) for n, (dt, a) in tensors.items()]
+    return InferResponse(
+        response_id="rid",
+        model_name=MODEL,
+        infer_outputs=outputs,
+        parameters={"bundle_version": "v1"},
+        use_binary_outputs=binary_default,
+        requested_outputs=None if requested is None else [RequestedOutput(n, {"binary_data": b}) for n, b in requested],
+    )
+
+
+@pytest.mark.parametrize(
+    "requested",
+    [None, [("result", False), ("label", False)], [("abstain", False)]],
+    ids=["all outputs", "two, reordered", "one"],
+)
+def test_rest_json_answer_is_the_document_kserve_writes(requested: list[tuple[str, bool]] | None) -> None:
+    from kserve.protocol.rest.v2_datamodels import InferenceResponse
+
+    from visionpipe.serving.server_util import rest_v2_json
+
+    fast = rest_v2_json(_answer(requested))
+    assert fast is not None
+    document, json_size = _answer(requested).to_rest()  # type: ignore[attr-defined]  # KServe's own path
+    assert json_size is None
+    kserve_doc = json.loads(InferenceResponse.model_validate(document).model_dump_json())
+    assert json.loads(fast) == kserve_doc
+    assert [o["name"] for o in json.loads(fast)["outputs"]] == [n for n, _ in requested or []] or requested is None
+
+
+def test_rest_binary_answers_are_left_to_kserve() -> None:
+    from visionpipe.serving.server_util import rest_v2_json
+
+    assert rest_v2_json(_answer([("label", True), ("result", False)])) is None
+    assert rest_v2_json(_answer(None, binary_default=True)) is None
+    assert rest_v2_json({"outputs": []}) is None

@@ -24,6 +24,7 @@ from visionpipe.kfp.local import ParameterError, parse_parameters
 from visionpipe.kfp.monthly import monthly_retrain_pipeline
 from visionpipe.kfp.platform import BASE_IMAGE
 from visionpipe.kfp.training import S3_SECRET, S3_SECRET_KEYS, training_pipeline
+from visionpipe.phases.pod import IMAGE_ENV
 
 DIGEST_REF = "registry.example.com/visionpipe@sha256:" + "0123456789abcdef" * 4
 FUNCTIONS: dict[str, Callable[..., object]] = {
@@ -158,18 +159,31 @@ def test_compile_image_rewrites_every_executor_and_nothing_else(
         assert len(containers) == len(executors) >= 5
         assert all(isinstance(c, dict) and c["image"] == DIGEST_REF for c in containers)
         assert {spec["container"]["image"] for spec in _executors(default).values()} == {BASE_IMAGE}  # type: ignore[index]
+        # the training step learns its own image (for the TrainJob it may start) from IMAGE_ENV: rewritten too
+        own = [
+            env
+            for c in containers
+            for env in c.get("env", [])  # type: ignore[union-attr]  # a container mapping
+            if env["name"] == IMAGE_ENV
+        ]
+        assert len(own) == 1 and own[0]["value"] == DIGEST_REF
         for spec in executors.values():  # put the default image back: then the documents are identical
             container = spec["container"]
             assert isinstance(container, dict)
             container["image"] = BASE_IMAGE
+        own[0]["value"] = BASE_IMAGE
         assert pinned == default
         changed = [
             (a, b)
             for a, b in zip(default_path.read_text().splitlines(), pinned_path.read_text().splitlines(), strict=True)
             if a != b
         ]
-        assert len(changed) == len(containers)
-        assert all(a.strip() == f"image: {BASE_IMAGE}" and b.strip() == f"image: {DIGEST_REF}" for a, b in changed)
+        assert len(changed) == len(containers) + len(own)
+        assert all(
+            a.strip() in (f"image: {BASE_IMAGE}", f"value: {BASE_IMAGE}")
+            and b.strip() == a.strip().replace(BASE_IMAGE, DIGEST_REF)
+            for a, b in changed
+        )
 
 
 def test_rewriting_the_images_keeps_kfps_formatting_byte_for_byte() -> None:
@@ -217,7 +231,7 @@ def test_every_run_form_parameter_has_a_description(compiled: dict[str, Document
     described = {p for p, spec in params.items() if isinstance(spec.get("description"), str) and spec["description"]}
     signature = set(inspect.signature(FUNCTIONS[name]).parameters)
     assert described == set(params) == signature
-    assert len(signature) == {"training": 36, "monthly-retrain": 31}[name]
+    assert len(signature) == {"training": 37, "monthly-retrain": 32}[name]
     destination = params["destination"]["description"]
     assert isinstance(destination, str) and "On a cluster it must be an s3://" in destination
 

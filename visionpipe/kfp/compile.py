@@ -131,6 +131,8 @@ def set_executor_images(text: str, image: str) -> str:
     """The compiled YAML `text` with every container executor's image set to `image`, nothing else changed."""
     import yaml
 
+    from visionpipe.phases.pod import IMAGE_ENV
+
     lines = text.splitlines(keepends=True)
     header_end = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
     header = "".join(lines[:header_end])
@@ -143,6 +145,9 @@ def set_executor_images(text: str, image: str) -> str:
         raise ValueError("not a compiled pipeline: deploymentSpec.executors holds no container executor")
     for container in containers:
         container["image"] = image
+        for env in container.get("env", []):  # the step's own image, for the workers it starts (IMAGE_ENV)
+            if isinstance(env, dict) and env.get("name") == IMAGE_ENV:
+                env["value"] = image
     # The same call as kfp/compiler/pipeline_spec_builder.py write_pipeline_spec_to_file, so the output is
     # formatted exactly like KFP's own.
     out = header + yaml.dump_all(documents, sort_keys=True)
@@ -151,11 +156,18 @@ def set_executor_images(text: str, image: str) -> str:
 
 
 def _check_only_images_changed(before: str, after: str) -> None:
+    from visionpipe.phases.pod import IMAGE_ENV
+
     old, new = before.splitlines(), after.splitlines()
-    changed = [(a, b) for a, b in zip(old, new, strict=False) if a != b]
-    image_line = re.compile(r"\s+image: ")
+    # an executor's `image:` line, or the `value:` of its IMAGE_ENV entry (the line after `- name: IMAGE_ENV`)
+    env_values = {i + 1 for i, line in enumerate(old) if line.strip() == f"- name: {IMAGE_ENV}"}
+
+    def allowed(i: int, a: str, b: str) -> bool:
+        key = "value:" if i in env_values else "image:"
+        return a.lstrip().startswith(key) and b.lstrip().startswith(key) and a.index(key) == b.index(key)
+
     same_shape = len(old) == len(new) and all(
-        image_line.match(a) and image_line.match(b) and a.index("image:") == b.index("image:") for a, b in changed
+        allowed(i, a, b) for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b
     )
     if not same_shape:
         raise RuntimeError(

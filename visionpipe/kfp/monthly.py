@@ -27,6 +27,7 @@ from visionpipe.kfp.decision import decide_and_publish
 from visionpipe.kfp.platform import (
     CREATE_TIME,
     SCHEDULE_TIME,
+    runs_own_image,
     training_resources,
     use_s3_secret,
 )
@@ -54,6 +55,7 @@ def monthly_retrain_pipeline(
     recipe: str = "digits-cnn",
     recipe_overrides_json: str = "{}",
     checkpoint_uri: str = "",
+    train_workers: int = 1,
     objective: str = "mcc",
     target_selective_accuracy: float = 0.99,
     bootstrap: int = 1000,
@@ -88,6 +90,7 @@ def monthly_retrain_pipeline(
         recipe=recipe,
         recipe_overrides_json=recipe_overrides_json,
         checkpoint_uri=checkpoint_uri,
+        train_workers=train_workers,
         objective=objective,
         target_selective_accuracy=target_selective_accuracy,
         bootstrap=bootstrap,
@@ -135,8 +138,10 @@ def monthly_retrain_pipeline(
         recipe_overrides_json=recipe_overrides_json,
         backbone=warm.outputs["backbone"],
         checkpoint_uri=checkpoint_uri,
+        train_workers=train_workers,
     ).set_display_name("supervised_train")
     training_resources(train)
+    runs_own_image(train)  # with train_workers > 1 on a cluster it starts a TrainJob in its own image
     train.set_caching_options(False)  # resumes from the checkpoint mirror under checkpoint_uri: outside state
     decision = decide_and_publish(
         dataset=month.outputs["dataset"],

@@ -77,6 +77,15 @@ def training_resources(task: "PipelineTask") -> None:
     use_s3_secret(task)
 
 
+def runs_own_image(task: "PipelineTask") -> None:
+    """Tell a step which image it runs (env IMAGE_ENV), for the pods it starts itself: supervised_train's
+    TrainJob workers (visionpipe/kfp/scale_out.py) must run the very code of the step. The value here is the
+    placeholder; `visionpipe compile --image REF` rewrites it together with every executor's image."""
+    from visionpipe.phases.pod import IMAGE_ENV
+
+    task.set_env_variable(IMAGE_ENV, BASE_IMAGE)
+
+
 # ------------------------------------------------------------------------------- run-time placeholders
 # The run's scheduled / creation time, passed as task inputs (runtime-value constants in the IR). The KFP driver
 # substitutes them only when a task input *is* one of these strings (kubeflow/pipelines backend/src/v2/driver/

@@ -30,6 +30,13 @@ SHARED: dict[str, str] = {
         "training checkpoint is mirrored, so a retried training pod on an empty disk resumes; empty = the\n"
         "checkpoint stays in the pod only."
     ),
+    "train_workers": (
+        "Data-parallel training workers (torch.distributed), 1..64; 1 = one process in the step's pod.\n"
+        "N > 1 on a cluster: the step creates a Kubeflow Trainer TrainJob of N nodes in the project image\n"
+        "(ClusterTrainingRuntime visionpipe-torch-distributed, manifests/trainer) and waits for it; the\n"
+        "dataset, checkpoints and model travel through S3 under checkpoint_uri (then required, s3://).\n"
+        "Under kfp.local: N local torchrun workers. The outputs are the same as a one-process run's."
+    ),
     "objective": (
         "Two-class threshold objective maximised on val_calib: mcc, f1, youden,\n"
         "recall_at_precision>=P or precision_at_recall>=R (P, R in [0, 1], e.g. recall_at_precision>=0.9).\n"

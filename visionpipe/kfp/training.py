@@ -23,7 +23,7 @@ from visionpipe.kfp.components.domain_pretrain import domain_pretrain
 from visionpipe.kfp.components.model_spec import resolve_model_spec
 from visionpipe.kfp.components.supervised_train import supervised_train
 from visionpipe.kfp.decision import decide_and_publish
-from visionpipe.kfp.platform import training_resources, use_s3_secret
+from visionpipe.kfp.platform import runs_own_image, training_resources, use_s3_secret
 from visionpipe.kfp.run_form import run_form_doc
 from visionpipe.serving.storage import S3_SECRET, S3_SECRET_KEYS  # noqa: F401 (re-exported: the Secret and its keys)
 
@@ -51,6 +51,7 @@ def training_pipeline(
     recipe: str = "digits-cnn",
     recipe_overrides_json: str = "{}",
     checkpoint_uri: str = "",
+    train_workers: int = 1,
     domain_pretrain_enabled: bool = False,
     pretrain_epochs: int = 5,
     pretrain_max_steps: int = 0,
@@ -90,6 +91,7 @@ def training_pipeline(
         recipe=recipe,
         recipe_overrides_json=recipe_overrides_json,
         checkpoint_uri=checkpoint_uri,
+        train_workers=train_workers,
         domain_pretrain_enabled=domain_pretrain_enabled,
         pretrain_epochs=pretrain_epochs,
         pretrain_max_steps=pretrain_max_steps,
@@ -155,8 +157,10 @@ def training_pipeline(
         recipe_overrides_json=recipe_overrides_json,
         backbone=pretrain.outputs["backbone"],
         checkpoint_uri=checkpoint_uri,
+        train_workers=train_workers,
     ).set_display_name("supervised_train")
     training_resources(train)
+    runs_own_image(train)  # with train_workers > 1 on a cluster it starts a TrainJob in its own image
     train.set_caching_options(False)  # resumes from the checkpoint mirror under checkpoint_uri: outside state
     decision = decide_and_publish(
         dataset=dataset,

@@ -45,6 +45,10 @@ from visionpipe.serving.storage import (
 # runs the component in a subprocess with the caller's environment. KUBERNETES_SERVICE_HOST (set by the kubelet in
 # every pod) is required too, so a stray variable on a laptop is not enough.
 KFP_POD_ENV = ("KFP_POD_NAME", "KFP_POD_UID")
+# The image a step runs, for the pods it starts itself (supervised_train's TrainJob workers,
+# visionpipe/kfp/scale_out.py): the pipeline sets it on that task, `visionpipe compile --image` writes the
+# reference into it (visionpipe/kfp/compile.py), as it does into every executor's `image`.
+IMAGE_ENV = "VISIONPIPE_IMAGE"
 KUBERNETES_ENV = "KUBERNETES_SERVICE_HOST"
 DESTINATION_ADVICE = "pass -p destination=s3://<bucket>/bundles"
 
@@ -96,6 +100,7 @@ def require_signing_key_in_pod(environ: Mapping[str, str] | None = None) -> None
 
 __all__ = [
     "DESTINATION_ADVICE",
+    "IMAGE_ENV",
     "KFP_POD_ENV",
     "KUBERNETES_ENV",
     "REQUIRED_S3_SETTINGS",

@@ -25,9 +25,10 @@ Outputs (see DESIGN.md, contracts):
 """
 
 import base64
+import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ from visionpipe.serving.views import pool_views, predict_rows, view_log_probs
 from visionpipe.specs import ArchSpec, PreprocessSpec
 from visionpipe.specs.preprocess import WEIGHT_DECIMALS, ViewsChoice, ViewsSpec
 from visionpipe.specs.resolve import pending_views, resolve_arch, resolve_preprocess
+from visionpipe.training import distributed
 from visionpipe.training.augment import black_level
 from visionpipe.training.batching import ModelInputs, in_order
 from visionpipe.training.checkpoint import CheckpointMirror, resume, save_checkpoint, state_copy
@@ -80,6 +82,58 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     views_selection: dict[str, object] = field(default_factory=dict)  # how pending views were resolved, or {}
 
+    def to_json(self) -> str:
+        """The result as JSON (train_worker's result.json); model_path as a string."""
+        payload = {f.name: getattr(self, f.name) for f in fields(self)}
+        payload["model_path"] = str(self.model_path)
+        return json.dumps(payload, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainResult":
+        """Parse `to_json`'s output; a missing or mistyped field is named."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TrainError(f"a TrainResult must be a JSON object ({exc})") from exc
+        if not isinstance(data, dict):
+            raise TrainError(f"a TrainResult must be a JSON object, not {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise TrainError(f"TrainResult JSON lacks {missing}; fields are {names}")
+
+        def number(key: str) -> float:
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TrainError(f"TrainResult JSON: {key}={value!r} must be a number")
+            return float(value)
+
+        def integer(key: str) -> int:
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TrainError(f"TrainResult JSON: {key}={value!r} must be an integer")
+            return value
+
+        history, accuracy, views = data["history"], data["split_accuracy"], data["views_selection"]
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise TrainError("TrainResult JSON: history must be a list of objects")
+        if not isinstance(accuracy, dict) or not isinstance(views, dict):
+            raise TrainError("TrainResult JSON: split_accuracy and views_selection must be objects")
+        return cls(
+            model_path=Path(str(data["model_path"])),
+            metric_name=str(data["metric_name"]),
+            best_epoch=integer("best_epoch"),
+            best_metric=number("best_metric"),
+            epochs_run=integer("epochs_run"),
+            stopped_early=bool(data["stopped_early"]),
+            resumed_from_epoch=integer("resumed_from_epoch"),
+            train_seconds=number("train_seconds"),
+            images_per_second=number("images_per_second"),
+            split_accuracy={str(k): float(v) for k, v in accuracy.items()},
+            history=[{str(k): float(v) for k, v in h.items()} for h in history],
+            views_selection={str(k): v for k, v in views.items()},
+        )
+
 
 # --------------------------------------------------------------------------------------------------- core
 
@@ -105,18 +159,29 @@ def run(
     shared folder) every epoch's checkpoint is mirrored there too and a newer one found there is resumed from,
     so a retry on a fresh disk continues the run. `stop_after_epoch` (a test hook) raises TrainingInterrupted
     after that epoch's checkpoint.
+
+    Under torchrun (an initialised process group, visionpipe/training/distributed.py) every rank trains its
+    shard of each global batch; only rank 0 logs, evaluates val_select, writes checkpoints and the outputs, and
+    every rank resumes from the same checkpoint and returns the same TrainResult.
     """
+    ctx = distributed.current()
+    if not ctx.is_main:
+        log = _quiet
     ds = load_dataset(dataset_dir)
     preprocess = resolve_preprocess(recipe, ds.image_shape[2])
     arch = resolve_arch(recipe, ds.num_classes, preprocess)
     metric_name = selection_metric_name(recipe, ds.num_classes)
     train, select = ds.split("train", "fit"), ds.split("val_select", "select")
     dev = pick_device(device)
+    if dev.type == "cuda" and ctx.enabled:
+        dev = torch.device("cuda", ctx.local_rank)
     backbone = None if is_passthrough(backbone_dir) else backbone_dir
 
     loop = new_state(recipe, arch, backbone, dev, train.labels, ds.num_classes)
+    loop.dist = ctx
+    workers = f" x {ctx.world_size} workers ({ctx.backend})" if ctx.enabled else ""
     log(
-        f"supervised_train: {recipe.name} ({arch.name}, {trainable_summary(loop.model)}) on {dev.type}; "
+        f"supervised_train: {recipe.name} ({arch.name}, {trainable_summary(loop.model)}) on {dev.type}{workers}; "
         f"train {len(train.labels)} / val_select {len(select.labels)} images; select by {metric_name}"
     )
     choice = pending_views(recipe)  # views to choose on val_select after the epoch (training: global view only)
@@ -130,11 +195,69 @@ def run(
         log(f"supervised_train: {message}")
 
     mirror = CheckpointMirror(checkpoint_uri, checkpoint_dir, phase_log) if checkpoint_uri else None
-    if mirror is not None:
-        mirror.pull()
+    if mirror is not None:  # one download per node (local rank 0); every rank raises if it failed
+        distributed.agree(ctx, mirror.pull, lambda c: c.local_rank == 0)
     resumed_from = resume(loop, checkpoint_dir, phase_log)
+    check_same_resume(ctx, resumed_from, checkpoint_dir)
     _fit(loop, recipe, preprocess, train, select, metric_name, checkpoint_dir, stop_after_epoch, log, mirror)
+    if not ctx.is_main:  # rank 0 writes the outputs; the others return what it reports
+        result = distributed.broadcast(ctx, None)
+        assert isinstance(result, TrainResult)
+        return result
+    result = _write_outputs(
+        loop,
+        ds,
+        select,
+        recipe,
+        arch,
+        preprocess,
+        choice,
+        metric_name,
+        model_dir,
+        logits_dir,
+        curve_path,
+        dev,
+        resumed_from,
+        log,
+    )
+    return distributed.broadcast(ctx, result)
 
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def check_same_resume(ctx: distributed.DistContext, resumed_from: int, checkpoint_dir: Path) -> None:
+    """Every rank must have resumed from the same epoch (a per-node checkpoint_dir without a checkpoint_uri
+    mirror leaves the other nodes without rank 0's checkpoint)."""
+    if not ctx.enabled:
+        return
+    gathered: list[object] = [None] * ctx.world_size
+    torch.distributed.all_gather_object(gathered, resumed_from)
+    if len(set(gathered)) > 1:
+        raise TrainError(
+            f"the ranks resumed from different epochs {gathered} of {checkpoint_dir}; give every node the same "
+            "checkpoint: a shared checkpoint_dir or a checkpoint_uri mirror (s3://...) they all pull from"
+        )
+
+
+def _write_outputs(
+    loop: TrainState,
+    ds: LoadedDataset,
+    select: SplitData,
+    recipe: Recipe,
+    arch: ArchSpec,
+    preprocess: PreprocessSpec,
+    choice: ViewsChoice | None,
+    metric_name: str,
+    model_dir: Path,
+    logits_dir: Path,
+    curve_path: Path | None,
+    dev: torch.device,
+    resumed_from: int,
+    log: Log,
+) -> TrainResult:
+    """The best model, its logits, model.json and the curve (rank 0 / one process)."""
     best = export_best_model(loop, recipe, arch, model_dir)
     selection = None
     if choice is not None:
@@ -278,9 +401,12 @@ def _fit(
         started = time.perf_counter()
         train_loss, train_images = train_epoch(loop, recipe, inputs, train.labels, epoch, fill)
         train_seconds = time.perf_counter() - started
-        select_logits = _predict_inputs(loop.eval_model, select_x, recipe.eval_batch_size, loop.device)
-        select_loss = float(F.cross_entropy(torch.from_numpy(select_logits), torch.from_numpy(select.labels)))
-        score = selection_metric(select_logits, select.labels, metric_name)
+        score, select_loss = 0.0, 0.0
+        if loop.dist.is_main:  # rank 0 evaluates (every rank holds the same weights) and broadcasts the figures
+            select_logits = _predict_inputs(loop.eval_model, select_x, recipe.eval_batch_size, loop.device)
+            select_loss = float(F.cross_entropy(torch.from_numpy(select_logits), torch.from_numpy(select.labels)))
+            score = selection_metric(select_logits, select.labels, metric_name)
+        score, select_loss, train_seconds = distributed.broadcast(loop.dist, (score, select_loss, train_seconds))
         min_delta = recipe.early_stopping.min_delta
         improved = loop.best_epoch == 0 or is_improvement(
             score, select_loss, loop.best_metric, loop.best_loss, min_delta
@@ -288,7 +414,7 @@ def _fit(
         if improved:
             loop.best_epoch, loop.best_metric, loop.best_loss = epoch, score, select_loss
             loop.best_state = state_copy(loop.eval_model)
-        seconds = time.perf_counter() - started
+        seconds = distributed.broadcast(loop.dist, time.perf_counter() - started)  # one clock: rank 0's
         elapsed += seconds
         loop.epoch = epoch
         loop.history.append(
@@ -307,9 +433,11 @@ def _fit(
         out_of_time = recipe.max_train_seconds > 0 and elapsed >= recipe.max_train_seconds
         no_progress = patience > 0 and epoch - loop.best_epoch >= patience
         loop.stopped_early = epoch < recipe.epochs and (no_progress or out_of_time)
-        save_checkpoint(loop, checkpoint_dir, improved)
-        if mirror is not None:
-            mirror.push()
+        if loop.dist.is_main:  # rank 0 writes the checkpoint; the others wait for it
+            save_checkpoint(loop, checkpoint_dir, improved)
+            if mirror is not None:
+                mirror.push()
+        distributed.barrier(loop.dist)
         eta = (elapsed / len(loop.history)) * (recipe.epochs - epoch) if not loop.stopped_early else 0.0
         log(
             f"epoch {epoch}/{recipe.epochs} loss {train_loss:.4f} val_select {metric_name} {score:.4f} "

@@ -118,7 +118,11 @@ class BatchingConfig:
     def describe(self) -> str:
         if not self.enabled:
             return f"batching off ({self.source})"
-        return f"batching up to {self.max_batch_size} images, wait {self.max_batch_wait_ms:g} ms ({self.source})"
+        at_once = "one per pool worker" if self.max_concurrent is None else str(self.max_concurrent)
+        return (
+            f"batching up to {self.max_batch_size} images, wait {self.max_batch_wait_ms:g} ms, forward passes at "
+            f"once: {at_once} ({self.source})"
+        )
 
 
 def bundle_batching(manifest: Mapping[str, object]) -> dict[str, int | float]:

@@ -37,10 +37,12 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import functools
 import json
 import math
 import struct
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -141,6 +143,9 @@ class OutputRequest:
 
 
 DEFAULT_OUTPUTS = tuple(OutputRequest(name) for name in OUTPUT_DATATYPES)
+# Below this per-image forward cost (ms) micro-batches run one at a time unless a flag says otherwise
+# (`_auto_concurrency`): digits measures ~2 ms, roadwork-effnet-lite0 ~30 ms on the bench machine.
+AUTO_CONCURRENT_FORWARD_MS = 10.0
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,8 @@ class ServeConfig:
 
     max_batch_size / max_batch_wait_ms: the micro-batching limits (visionpipe/serving/batching.py); None takes the
     bundle's ``serving.batching`` field, else the measured default; max_batch_size 0 or 1 turns batching off.
-    max_concurrent_batches: forward passes running at once (None: one per pool worker).
+    max_concurrent_batches: forward passes running at once (None: chosen at load, `_auto_concurrency`: one at a
+    time for a model whose forward pass costs under AUTO_CONCURRENT_FORWARD_MS per image, else one per pool worker).
     runtime: ``torch``, or ``onnx`` to run each member's compiled/member-<i>.onnx with ONNX Runtime (the bundle must
     ship it: bundle_validation's ``compiled_runtime=onnx``, checked there for decision parity)."""
 
@@ -269,6 +275,8 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         runtimes = [BundleModel(bundle, runtime=config.runtime) for bundle in bundles]
         check_ensemble(runtimes)
         self.runtimes = runtimes
+        if batching.enabled and batching.max_concurrent is None:
+            batching = self._auto_concurrency(batching)
         self.batching = batching
         self.batcher = (
             MicroBatcher(self.pool, self.infer_many, len, batching, self.name, batch_metrics())
@@ -277,6 +285,27 @@ class VisionPredictor(kserve.Model):  # type: ignore[misc]  # kserve ships no ty
         )
         self.ready = True
         return self.ready
+
+    def _auto_concurrency(self, batching: BatchingConfig) -> BatchingConfig:
+        """No flag set how many forward passes run at once: choose by what one image costs here. A model whose
+        forward pass is cheap next to the Python work of a request (digits: ~2 ms against ~4-5 ms of event loop
+        and decoding, which hold the GIL) gains nothing from two forwards at once and loses batch size: one batch
+        at a time (c32: 373 against 136 req/s). A costly forward pass (roadwork: ~30 ms, which torch runs outside
+        the GIL) keeps one per pool worker, so the cores work in parallel (c32: 27 against 13 req/s). Measured by
+        bench/serve.py, docs/throughput.md; the median of 3 timed images after one warm-up."""
+        spec = self.preprocess_spec
+        # a seeded noise image: a blank one has no digit for a digit-upload spec (upload.py refuses it)
+        probe = np.random.default_rng(0).integers(0, 256, (1, spec.size, spec.size, spec.channels), dtype=np.uint8)
+        times = []
+        for i in range(4):
+            started = time.perf_counter()
+            self.primary.predict_images(probe)
+            if i:
+                times.append((time.perf_counter() - started) * 1000.0)
+        per_image_ms = sorted(times)[1]
+        source = f"{batching.source}+auto({per_image_ms:.1f} ms/image)"
+        concurrent = None if per_image_ms >= AUTO_CONCURRENT_FORWARD_MS else 1
+        return dataclasses.replace(batching, max_concurrent=concurrent, source=source)
 
     @property
     def primary(self) -> BundleModel:

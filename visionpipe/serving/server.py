@@ -109,6 +109,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="rest,grpc (default) or one of them: grpc when KServe's agent logs REST",
     )
+    parser.add_argument(
+        "--enable_latency_logging",
+        "--enable-latency-logging",
+        dest="enable_latency_logging",
+        action="store_true",
+        help="KServe's per-request log line with preprocess / predict / postprocess ms (default off: the same "
+        "figures are KServe's request_*_seconds histograms on /metrics)",
+    )
     limits = parser.add_argument_group("limits (each refusal is a named 4xx)")
     _int_flag(limits, "max_batch", DEFAULT_MAX_BATCH, "images per request (batch_too_large)")
     _int_flag(limits, "max_bytes", DEFAULT_MAX_BYTES, "bytes per encoded image (too_many_bytes)")
@@ -231,6 +239,7 @@ def serve(args: argparse.Namespace, bundles: Sequence[str]) -> None:
         http_port=args.http_port,
         grpc_port=args.grpc_port or None,
         max_body_bytes=args.max_body_bytes,
+        latency_log=args.enable_latency_logging,
     )
 
 

@@ -40,19 +40,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import TYPE_CHECKING, cast
 
 from visionpipe.serving.limits import DEFAULT_MAX_BODY_BYTES
 
 if TYPE_CHECKING:
     import kserve
+    from kserve.protocol.dataplane import DataPlane
     from kserve.protocol.infer_type import InferRequest
     from starlette.requests import Request
     from starlette.responses import Response
+    from starlette.routing import Route
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LOOPBACK = "127.0.0.1"
@@ -75,12 +78,18 @@ def run_model_server(
     grpc_port: int | None = None,
     grace_period_s: int = 10,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    latency_log: bool = False,
 ) -> None:
     """Serve `models` with KServe's REST app on ``host:http_port`` (and gRPC on ``host:grpc_port`` if given).
 
     Request bodies over `max_body_bytes` are refused on both (REST 413 ``body_too_large``, gRPC
     RESOURCE_EXHAUSTED). Blocks until SIGTERM/SIGINT. At least one model must be ready (KServe raises
     NoModelReady otherwise).
+
+    `latency_log`: KServe's per-request ``kserve.trace`` line (preprocess / predict / postprocess ms; KServe's
+    ``--enable_latency_logging``, on by default there). Off by default here: the same figures are KServe's
+    Prometheus histograms on /metrics (``request_preprocess_seconds``, ...), and formatting and writing a line
+    per request costs the event loop.
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes={max_body_bytes} must be >= 1")
@@ -90,12 +99,13 @@ def run_model_server(
         grpc_port=grpc_port,
         grace_period_s=grace_period_s,
         max_body_bytes=max_body_bytes,
+        latency_log=latency_log,
     )
     server.start(list(models))
 
 
 def _host_bound_model_server(
-    *, host: str, http_port: int, grpc_port: int | None, grace_period_s: int, max_body_bytes: int
+    *, host: str, http_port: int, grpc_port: int | None, grace_period_s: int, max_body_bytes: int, latency_log: bool
 ) -> kserve.ModelServer:
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
@@ -105,6 +115,7 @@ def _host_bound_model_server(
     from kserve.protocol.grpc.server import GRPCServer
     from kserve.protocol.rest.server import RESTServer
     from starlette.exceptions import HTTPException
+    from timing_asgi import TimingMiddleware  # type: ignore[import-untyped]  # timing_asgi ships no types
 
     from visionpipe.serving.runtime import Overloaded
 
@@ -136,7 +147,18 @@ def _host_bound_model_server(
 
         def _add_middlewares(self, app: FastAPI) -> None:
             super()._add_middlewares(app)
+            # KServe's TimingMiddleware (kserve/protocol/rest/server.py `_add_middlewares`, timing_asgi) scans every
+            # route again to name each request and logs two `kserve.trace` lines per request (wall and CPU time):
+            # about 0.5 ms of the event loop per request for figures nothing reads. Latency stays observable in
+            # KServe's own request histograms (`request_predict_seconds`, ... on /metrics) and the event logger.
+            app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
             app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)  # outermost of the app's own
+
+        def _register_endpoints(self, app: FastAPI) -> None:
+            super()._register_endpoints(app)
+            # Our v2 infer route first: the router takes the first full match, so KServe's own route for the same
+            # path (kserve/protocol/rest/v2_endpoints.py) is never reached; every other route is KServe's.
+            app.router.routes.insert(0, v2_infer_route(self.dataplane))
 
     class HostBoundModelServer(ModelServer):  # type: ignore[misc]
         """ModelServer whose REST (and gRPC) listeners bind `host` instead of all interfaces."""
@@ -158,6 +180,12 @@ def _host_bound_model_server(
             )
             # uvicorn.Server keeps a reference to this Config object, so the host is read at serve() time.
             self._rest_server.config.host = host
+            # The app is loaded from its import string at serve() time (uvicorn Config.load); KServe's module-level
+            # FastAPI object is the one create_application fills in. v2 infer POSTs skip its middleware stack.
+            import kserve.model_server
+
+            fast = FastV2Infer(kserve.model_server.app, v2_infer_route(self.dataplane).endpoint, max_body_bytes)
+            self._rest_server.config.app = fast
             self.servers.append(self._rest_server.start())
             if grpc_port is not None:
                 self._grpc_server = GRPCServer(
@@ -168,14 +196,20 @@ def _host_bound_model_server(
                     grace_period=self.grace_period,
                 )
                 self.servers.append(_grpc_on_host(self._grpc_server, host, grpc_port, self.max_threads, max_body_bytes))
-            self.setup_event_loop()
             self.register_signal_handler()
             # Everything loaded so far (torch, kserve, fastapi, the models: ~300k objects) lives as long as the
             # process; a full garbage collection over it holds the GIL for 80-230 ms, a stall of the event loop
             # (health checks included) at some random request. Frozen objects are never scanned again.
             gc.collect()
             gc.freeze()
-            asyncio.run(self._serve())
+
+            async def serve() -> None:
+                # KServe calls setup_event_loop (exception handler, default executor) before asyncio.run, i.e. on
+                # a loop that is never used (kserve/model_server.py `start`); here it is the serving loop.
+                self.setup_event_loop()
+                await self._serve()
+
+            run_event_loop(serve(), self.event_loop)
 
     return HostBoundModelServer(
         http_port=http_port,
@@ -183,7 +217,240 @@ def _host_bound_model_server(
         workers=1,
         enable_grpc=grpc_port is not None,
         grace_period=grace_period_s,
+        enable_latency_logging=latency_log,  # ModelServer hands it to each model (`model.enable_latency_logging`)
     )
+
+
+def run_event_loop(main: Coroutine[object, object, None], event_loop: str = "auto") -> None:
+    """Run `main` to completion on uvloop when it is installed (``event_loop`` "auto" or "uvloop"), else asyncio.
+
+    KServe's ``--event_loop`` means "auto (default; use uvloop if available)" (kserve/model_server.py), and
+    uvicorn's auto loop picks uvloop the same way (uvicorn/loops/auto.py), but both apply only when uvicorn runs
+    its own loop; KServe's single-process ModelServer.start serves through `asyncio.run`, i.e. the pure-Python
+    loop. uvloop (a dependency of uvicorn[standard], which kserve requires) costs the event loop less per
+    request and per thread hand-off. ``"asyncio"`` keeps asyncio's own loop."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvicorn[standard] brings it on Linux
+            pass
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
+def v2_infer_route(dataplane: DataPlane) -> Route:
+    """``POST /v2/models/{model_name}/infer``: KServe's v2 infer endpoint (kserve/protocol/rest/v2_endpoints.py
+    `V2Endpoints.infer`) as a plain Starlette route, with the same steps and the same error answers.
+
+    KServe declares its body as ``Union[InferenceRequest, bytes]``, validates its answer dict as
+    `InferenceResponse` and lets FastAPI walk that model once more (`jsonable_encoder`) before `json.dumps`; here
+    the request is checked by the same pydantic model (kserve/protocol/rest/v2_datamodels.py), an all-JSON answer
+    is written in one pass (`rest_v2_json`), any other answer goes through KServe's `DataPlane.encode`, and the
+    route is matched first. As FastAPI did (fastapi/routing.py `get_request_handler`, strict content type,
+    FastAPI's default): a body is JSON only with ``Content-Type: application/json`` (or ``application/*+json``);
+    any other body, the binary tensor extension included, goes to `decode_rest_v2_body` through
+    `DataPlane.decode`. A body that is not JSON, or not an inference request, is a 400 with the message
+    `validation_error_message` gave before (``bad_json`` / ``bad_request``)."""
+    from kserve.constants.constants import PredictorProtocol
+    from kserve.errors import InvalidInput, ModelNotReady
+    from kserve.protocol.rest.v2_datamodels import InferenceRequest, InferenceResponse
+    from pydantic import ValidationError
+    from starlette.responses import Response as StarletteResponse
+    from starlette.routing import Route as StarletteRoute
+
+    protocol = PredictorProtocol.REST_V2.value
+
+    def parse(body: bytes, headers: Mapping[str, str]) -> InferenceRequest | bytes:
+        binary = INFERENCE_HEADER in headers
+        if not body:  # FastAPI: a required body that is missing
+            raise InvalidInput(validation_error_message([{"loc": ("body",), "msg": "Field required"}], binary))
+        if not _is_json(headers.get("content-type")):
+            return body
+        try:
+            payload = json.loads(body)
+        except json.JSONDecodeError as exc:
+            error = {"type": "json_invalid", "loc": ("body", exc.pos), "ctx": {"error": exc.msg}}
+            raise InvalidInput(validation_error_message([error], binary)) from None
+        except ValueError:  # not UTF-8: FastAPI's 400 "There was an error parsing the body"
+            message = "bad_json: the request body could not be parsed as JSON (There was an error parsing the body)"
+            raise InvalidInput(message + (BINARY_AS_JSON_HINT if binary else "")) from None
+        try:
+            return InferenceRequest.model_validate(payload)
+        except ValidationError as exc:
+            raise InvalidInput(validation_error_message(exc.errors(), binary)) from None
+
+    async def infer(request: Request) -> Response:
+        """V2Endpoints.infer's steps; an all-JSON answer written straight from the InferResponse."""
+        model_name = str(request.path_params["model_name"])
+        if not await dataplane.model_ready(model_name, True):
+            raise ModelNotReady(model_name)
+        headers = dict(request.headers)
+        body = parse(await request.body(), headers)
+        infer_request, _ = dataplane.decode(body, headers, protocol_version=protocol, model_name=model_name)
+        response, response_headers = await dataplane.infer(
+            model_name=model_name, request=infer_request, headers=headers
+        )
+        answer = rest_v2_json(response) if not _cloudevent(headers) else None
+        if answer is None:  # binary outputs, a CloudEvent, anything unusual: KServe's own encoding
+            return await encode(model_name, response, response_headers, headers)
+        response_headers.pop("content-length", None)
+        response_headers.pop("content-type", None)
+        return StarletteResponse(answer, media_type="application/json", headers=response_headers)
+
+    async def encode(
+        model_name: str, response: object, response_headers: dict[str, str], headers: dict[str, str]
+    ) -> Response:
+        encoded, encode_headers = dataplane.encode(
+            model_name=model_name, response=response, headers=headers, req_attributes={}
+        )
+        response_headers.update(encode_headers)
+        response_headers.pop("content-length", None)
+        response_headers.pop("content-type", None)
+        if isinstance(encoded, bytes):  # binary tensor data (InferResponse.to_rest), as KServe sends it
+            return StarletteResponse(encoded, headers=response_headers)
+        answer = InferenceResponse.model_validate(encoded).model_dump_json().encode()
+        return StarletteResponse(answer, media_type="application/json", headers=response_headers)
+
+    return StarletteRoute("/v2/models/{model_name}/infer", infer, methods=["POST"])
+
+
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)/infer")
+
+
+class FastV2Infer:
+    """ASGI app in front of KServe's FastAPI app: ``POST /v2/models/<model>/infer`` goes straight to the
+    `v2_infer_route` endpoint, under the same `BodyLimitMiddleware`, with the app's own exception handlers
+    (looked up along the exception's classes, as Starlette's ExceptionMiddleware does: our named 400s, 404,
+    503 ``overloaded``, KServe's generic 500); every other request, and the lifespan, is the app's.
+
+    What it skips for the one hot route: FastAPI's and Starlette's middleware layers (ServerErrorMiddleware,
+    exception telemetry, FastAPI's own body limit, ExceptionMiddleware, the AsyncExitStack for uploaded files)
+    and the router's scan: about 1 ms of the event loop per request on the 2-core machine, measured by thread
+    CPU time around uvicorn's `run_asgi` and the endpoint (the difference, at concurrency 1)."""
+
+    def __init__(self, app: ASGIApp, endpoint: Callable[[Request], Awaitable[Response]], max_body_bytes: int) -> None:
+        self.app = app
+        self.endpoint = endpoint
+        self.limited = BodyLimitMiddleware(self._infer, max_body_bytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST" and not scope.get("root_path"):
+            match = _INFER_PATH.fullmatch(str(scope.get("path", "")))
+            if match is not None:
+                scope["path_params"] = {"model_name": match.group(1)}
+                await self.limited(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    async def _infer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from starlette.requests import Request as StarletteRequest
+
+        request = StarletteRequest(scope, receive)
+        try:
+            response = await self.endpoint(request)
+        except Exception as exc:
+            handler = self._handler(exc)
+            if handler is None:
+                raise
+            answer = handler(request, exc)
+            response = cast("Response", await answer if inspect.isawaitable(answer) else answer)
+        await response(scope, receive, send)
+
+    def _handler(self, exc: Exception) -> Callable[[Request, Exception], object] | None:
+        handlers = getattr(self.app, "exception_handlers", {})
+        for cls in type(exc).__mro__:
+            if cls in handlers:
+                handler: Callable[[Request, Exception], object] = handlers[cls]
+                return handler
+        return None
+
+
+def rest_v2_json(response: object) -> bytes | None:
+    """An InferResponse whose every answered output is JSON data from a numeric / bool / BYTES numpy array -> the
+    REST v2 JSON body, else None (binary data, raw contents, FP16, other payloads: KServe's `to_rest` then).
+
+    The same document KServe sends: `InferResponse.to_rest` (kserve/protocol/infer_type.py: the requested outputs
+    in their order, data as `set_data_from_numpy(binary_data=False)` writes it, i.e. the flattened values, BYTES
+    as UTF-8 text), validated as `InferenceResponse` (kserve/protocol/rest/v2_datamodels.py), whose optional
+    fields are written as null. Built with `tolist` and orjson (a kserve dependency) in one pass, without the
+    per-element `.item()` loop and the pydantic round trip."""
+    import numpy as np
+    import orjson
+    from kserve.protocol.infer_type import InferResponse, to_http_parameters
+
+    if not isinstance(response, InferResponse) or response.from_grpc:
+        return None
+    requested = response._requested_outputs
+    if requested:
+        if any(o.binary_data for o in requested):
+            return None
+        by_name = {o.name: o for o in response.outputs}
+        chosen = [by_name.get(o.name) for o in requested]
+    else:
+        if response._use_binary_outputs:
+            return None
+        chosen = list(response.outputs)
+    outputs = []
+    for output in chosen:
+        data = None if output is None else output.data
+        if (
+            output is None
+            or not isinstance(data, np.ndarray)
+            or output._raw_data is not None
+            or output.datatype == "FP16"
+            or list(data.shape) != list(output.shape)
+        ):
+            return None
+        if data.dtype == np.object_:
+            if not all(isinstance(v, bytes) for v in data.flat):
+                return None
+            try:
+                values: list[object] = [v.decode("utf-8") for v in data.flat]
+            except UnicodeDecodeError:
+                return None
+        elif data.dtype.kind in "biuf":
+            values = data.reshape(-1).tolist()
+        else:
+            return None
+        parameters = dict(output.parameters or {})
+        parameters.pop("binary_data_size", None)
+        outputs.append(
+            {
+                "name": output.name,
+                "shape": list(output.shape),
+                "datatype": output.datatype,
+                "parameters": to_http_parameters(parameters) if parameters else None,
+                "data": values,
+            }
+        )
+    document = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "id": response.id,
+        "parameters": to_http_parameters(response.parameters) if response.parameters else None,
+        "outputs": outputs,
+    }
+    try:
+        return bytes(orjson.dumps(document))
+    except TypeError:  # a value orjson does not write (a parameter of another type)
+        return None
+
+
+def _cloudevent(headers: Mapping[str, str]) -> bool:
+    """A CloudEvent request, which KServe answers with a CloudEvent (kserve/protocol/dataplane.py `encode`)."""
+    from cloudevents.sdk.converters.util import has_binary_headers
+
+    return bool(has_binary_headers(headers)) or headers.get("content-type", "") == "application/cloudevents+json"
+
+
+def _is_json(content_type: str | None) -> bool:
+    """FastAPI's rule: ``application/json`` or ``application/<anything>+json``, parameters ignored."""
+    if not content_type:
+        return False
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 async def _grpc_on_host(grpc_server: object, host: str, port: int, max_threads: int, max_body_bytes: int) -> None:

@@ -300,6 +300,16 @@ def upload_file(local: Path, uri: str) -> None:
     _s3_call(uri, lambda: _client().fput_object(bucket, key, str(local)))
 
 
+def upload_prefix(local_dir: Path, uri: str) -> list[str]:
+    """Copy every file below `local_dir` to `uri` (keeping relative paths, sorted); returns the URIs written."""
+    written = []
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        target = join(uri, path.relative_to(local_dir).as_posix())
+        upload_file(path, target)
+        written.append(target)
+    return written
+
+
 def download_file(uri: str, local: Path) -> Path:
     local.parent.mkdir(parents=True, exist_ok=True)
     local.write_bytes(read_bytes(uri))

@@ -36,6 +36,7 @@ CONSTRAINED_OBJECTIVES: Final = ("recall_at_precision", "precision_at_recall")  
 SPLIT_RATIOS: Final = ("train_ratio", "val_select_ratio", "val_calib_ratio", "val_test_ratio")
 RATIO_SUM_TOLERANCE: Final = 1e-6  # data_fetch.py: math.isclose(sum, 1.0, abs_tol=1e-6)
 MAX_IMAGE_SIZE: Final = 4096  # data_fetch.py
+MAX_TRAIN_WORKERS: Final = 64  # visionpipe/kfp/trainjob.py MAX_WORKERS (tests/test_trainjob.py keeps them equal)
 _CONSTRAINED = re.compile(r"^(recall_at_precision|precision_at_recall)>=([0-9]*\.?[0-9]+)$")  # threshold_sweep.py
 
 PYTHON_TYPES: Final[Mapping[Kind, tuple[type, ...]]] = {
@@ -198,6 +199,13 @@ def _shared() -> list[Param]:
             allowed_text='a JSON object, e.g. {"epochs": 3}',
         ),
         Param("checkpoint_uri", "STRING", ""),
+        Param(
+            "train_workers",
+            "NUMBER_INTEGER",
+            1,
+            interval=Interval(1, MAX_TRAIN_WORKERS),
+            note="1 = one process; N > 1: data-parallel (a TrainJob on a cluster, needs an s3:// checkpoint_uri)",
+        ),
         Param("objective", "STRING", "mcc", check=_objective_ok, allowed_text=OBJECTIVE_TEXT),
         Param("target_selective_accuracy", "NUMBER_DOUBLE", 0.99, interval=UNIT_HALF_OPEN),
         Param("bootstrap", "NUMBER_INTEGER", 1000, interval=Interval(1)),

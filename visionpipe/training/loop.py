@@ -2,8 +2,11 @@
 (augmentation, mixing, loss, gradient accumulation, LR schedule, clipping, EMA), device choice, progress bar.
 
 The randomness of epoch e (data order, augmentation, dropout) comes from (recipe.seed, e) alone, so a run
-resumed after epoch e - 1 continues exactly as an uninterrupted one."""
+resumed after epoch e - 1 continues exactly as an uninterrupted one. Under torchrun the same loop trains
+data-parallel (DDP over shards of each global batch, visionpipe/training/distributed.py); with one process
+nothing of that runs."""
 
+import contextlib
 import math
 import sys
 import time
@@ -14,11 +17,14 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from visionpipe.serving.models import build_model, load_pretrained_backbone
 from visionpipe.specs import CONVNETS, ArchSpec, PeftError, PeftSpec
+from visionpipe.training import distributed
 from visionpipe.training.augment import augment, mix
 from visionpipe.training.batching import ModelInputs, batches
+from visionpipe.training.distributed import SINGLE, DistContext
 from visionpipe.training.ema import ema_update, frozen_copy, warmup_decay
 from visionpipe.training.losses import class_weights, soft_targets, weighted_loss
 from visionpipe.training.peft import apply_peft
@@ -49,10 +55,22 @@ class TrainState:
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
     memory_format: torch.memory_format = torch.contiguous_format
+    dist: DistContext = SINGLE  # this process's place in a torchrun job (one process by default)
+    wrapped: nn.Module | None = None  # the DDP wrapper of `model` that trains when dist.world_size > 1
 
     @property
     def eval_model(self) -> nn.Module:
         return self.ema if self.ema is not None else self.model
+
+    def train_module(self) -> nn.Module:
+        """What the forward pass runs: `model` itself with one process; with several, `model` wrapped once in
+        DDP (its batch norm layers switched to global-batch statistics first, visionpipe/training/distributed.py)."""
+        if not self.dist.enabled:
+            return self.model
+        if self.wrapped is None:
+            distributed.use_global_batch_norm(self.model)
+            self.wrapped = distributed.wrap_ddp(self.model, self.device)
+        return self.wrapped
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -162,17 +180,24 @@ def train_epoch(
     epoch: int,
     fill: Tensor,
 ) -> tuple[float, int]:
-    """One pass over train; returns (mean loss, images seen). Randomness comes from (seed, epoch) only."""
+    """One pass over train; returns (mean loss, images seen). Randomness comes from (seed, epoch) only.
+
+    With N workers (state.dist) every rank draws the same global batches, augments and mixes the whole global
+    batch with the same generator, and trains on its shard; its loss is the shard's weighted sum over the
+    global batch's weight total, times N (DDP averages the gradients), so each update is the one-process
+    update of the global batch (visionpipe/training/distributed.py)."""
     total_steps, warmup_steps = schedule_steps(recipe, len(labels))
     rng = np.random.default_rng([recipe.seed, epoch])
     torch.manual_seed(recipe.seed * 1_000_003 + epoch)
     order = rng.permutation(len(labels))
     epoch_batches = batches(order, recipe.batch_size)
     num_classes = int(state.class_weights.numel())
-    state.model.train()
+    module = state.train_module()
+    module.train()
+    ctx = state.dist
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=state.device.type == "cuda")
     total_loss, seen, accum = 0.0, 0, recipe.grad_accum_steps
-    bar = ProgressBar(len(epoch_batches), f"epoch {epoch}")
+    bar = ProgressBar(len(epoch_batches), f"epoch {epoch}", enabled=ctx.is_main)
     for i, (x, idx) in enumerate(inputs.iterate(epoch_batches, recipe.num_workers)):
         x = x.to(state.device, non_blocking=True)
         y = torch.from_numpy(labels[idx]).to(state.device)
@@ -180,13 +205,29 @@ def train_epoch(
         x = augment(x, recipe.augment, rng, fill)
         x, targets = mix(x, targets, recipe.augment, rng)
         x = x.contiguous(memory_format=state.memory_format)
-        with autocast:
-            logits = state.model(x)
-        loss = weighted_loss(logits.float(), targets, state.class_weights, recipe.loss)
-        torch.autograd.backward(loss / accum)
+        step_now = (i + 1) % accum == 0 or i + 1 == len(epoch_batches)
+        if ctx.enabled:
+            start, stop = distributed.shard_bounds(len(idx), ctx.world_size, ctx.rank)
+            weight_total = (targets * state.class_weights.view(1, -1)).sum().clamp_min(1e-12)
+            x, targets = x[start:stop], targets[start:stop]
+            shard_total = (targets * state.class_weights.view(1, -1)).sum().clamp_min(1e-12)
+            # DDP all-reduces on the accumulation's last micro-batch only (no_sync accumulates locally)
+            assert isinstance(module, DistributedDataParallel)
+            sync = contextlib.nullcontext() if step_now else module.no_sync()
+            with sync:
+                with autocast:
+                    logits = module(x)
+                loss = weighted_loss(logits.float(), targets, state.class_weights, recipe.loss)
+                loss = loss * (shard_total / weight_total)  # = shard's weighted sum / global weight total
+                torch.autograd.backward(loss * (ctx.world_size / accum))
+        else:
+            with autocast:
+                logits = module(x)
+            loss = weighted_loss(logits.float(), targets, state.class_weights, recipe.loss)
+            torch.autograd.backward(loss / accum)
         total_loss += float(loss.detach()) * len(idx)
         seen += len(idx)
-        if (i + 1) % accum == 0 or i + 1 == len(epoch_batches):
+        if step_now:
             s = recipe.schedule
             factor = lr_factor(state.step, total_steps, warmup_steps, s.name, s.min_lr_ratio)
             optimizer_step(state.optimizer, recipe.optimizer.lr * factor, recipe.grad_clip_norm)
@@ -194,17 +235,19 @@ def train_epoch(
             if state.ema is not None:
                 ema_update(state.ema, state.model, warmup_decay(recipe.ema.decay, state.ema_updates))
                 state.ema_updates += 1
+            distributed.maybe_kill_for_test(ctx, state.step)
         bar.update(i + 1, float(loss.detach()))
     bar.close()
+    total_loss = distributed.all_sum(ctx, total_loss)  # the shards' parts of each global batch's loss
     return total_loss / max(seen, 1), seen
 
 
 class ProgressBar:
     """A one-line progress bar on stderr, only when stderr is a terminal."""
 
-    def __init__(self, total: int, label: str) -> None:
+    def __init__(self, total: int, label: str, enabled: bool = True) -> None:
         self.total, self.label = total, label
-        self.enabled = sys.stderr.isatty()
+        self.enabled = enabled and sys.stderr.isatty()
         self.started = time.perf_counter()
 
     def update(self, done: int, loss: float) -> None:

@@ -20,13 +20,16 @@ def supervised_train(
     recipe_overrides_json: str = "{}",
     backbone: Optional[Input[Model]] = None,  # noqa: UP045 (kfp needs Optional[...] for optional artifacts)
     checkpoint_uri: str = "",
+    train_workers: int = 1,
 ) -> None:
     """Train a classifier from a recipe (a shipped name such as digits-cnn, or a YAML path) with optional JSON
     overrides; keep the best epoch on val_select; write the model (safetensors + model.json), logits of
     val_calib / val_test from that best model, metrics and a training curve. A retry resumes from the
     per-epoch checkpoint kept next to the model artifact; with checkpoint_uri (s3://bucket/prefix) it is
     mirrored to <checkpoint_uri>/<hash of this task's model URI>/ as well, which a retried pod on a cluster (same
-    output URI, empty disk) resumes from."""
+    output URI, empty disk) resumes from. With train_workers > 1 the same training runs data-parallel: a
+    Kubeflow Trainer TrainJob on a cluster (inputs and outputs through S3 under checkpoint_uri), local torchrun
+    workers elsewhere (visionpipe/kfp/scale_out.py); the outputs are the same."""
     from visionpipe.phases.pod import require_s3_credentials
 
     require_s3_credentials(checkpoint_uri)  # first thing (backbone is an artifact: the launcher fetched it already)
@@ -52,17 +55,34 @@ def supervised_train(
     has_checkpoint = (checkpoint_dir / STATE_FILE).exists() or mirrored
     stop_after = int(crash) if crash and not has_checkpoint else None
     png = Path(curve.path).with_suffix(".png")
-    result = run(
-        dataset_dir=Path(dataset.path),
-        model_dir=model_dir,
-        logits_dir=Path(logits.path),
-        recipe=chosen,
-        checkpoint_dir=checkpoint_dir,
-        backbone_dir=Path(backbone.path) if backbone is not None else None,
-        curve_path=png,
-        stop_after_epoch=stop_after,
-        checkpoint_uri=mirror,
-    )
+    backbone_dir = Path(backbone.path) if backbone is not None else None
+    if train_workers == 1:
+        result = run(
+            dataset_dir=Path(dataset.path),
+            model_dir=model_dir,
+            logits_dir=Path(logits.path),
+            recipe=chosen,
+            checkpoint_dir=checkpoint_dir,
+            backbone_dir=backbone_dir,
+            curve_path=png,
+            stop_after_epoch=stop_after,
+            checkpoint_uri=mirror,
+        )
+    else:
+        from visionpipe.kfp.scale_out import Outputs, train_with_workers
+
+        result = train_with_workers(
+            dataset_dir=Path(dataset.path),
+            outputs=Outputs(model_dir=model_dir, logits_dir=Path(logits.path), curve_png=png),
+            recipe=recipe,
+            recipe_overrides_json=recipe_overrides_json,
+            backbone_dir=backbone_dir,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_uri=checkpoint_uri,
+            mirror=mirror,
+            train_workers=train_workers,
+            task_key=model.uri,
+        )
     Path(curve.path).write_text(curve_html(png, result))
     png.unlink()
     model.metadata.update(
