@@ -42,7 +42,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Final
+from typing import Final, Protocol
 
 from k8s_schema import find_crd, merge_patch, validate, validate_custom_resource
 from kserve_rules import (
@@ -356,8 +356,17 @@ class FakeKube:
         return out
 
 
-class _Handler(BaseHTTPRequestHandler):
-    kube: FakeKube
+class RecordsRequests(Protocol):
+    requests: list[Request]
+
+
+class ApiHandler(BaseHTTPRequestHandler):
+    """The request plumbing the fake API servers share: read the body (bounded), match `path_pattern`
+    (groups: namespace, name), name the verb as RBAC does, let `_answer` decide, record the request and write the
+    JSON answer. `kube` is the fake (set by `serve_on_loopback`)."""
+
+    kube: RecordsRequests
+    path_pattern: re.Pattern[str]
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: object) -> None:
@@ -379,17 +388,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle("DELETE")
 
     def _handle(self, method: str) -> None:
-        kube = self.kube
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(min(length, MAX_BODY)) if length else b""
-        content_type = self.headers.get("Content-Type")
-        match = PATH.match(path)
+        match = self.path_pattern.match(path)
         namespace, name = (match.group(1), match.group(2)) if match else ("", None)
         verbs = {"GET": "get" if name else "list", "POST": "create", "PUT": "update", "PATCH": "patch"}
         verb = verbs.get(method, method.lower())
-        code, answer = self._answer(method, path, match is not None, namespace, name, verb, raw, content_type)
-        kube.requests.append(Request(method, path, content_type, verb, code))
+        code, answer = self._answer(method, path, query, match is not None, namespace, name, verb, raw)
+        self.kube.requests.append(Request(method, path, self.headers.get("Content-Type"), verb, code))
         data = json.dumps(answer).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -398,17 +405,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _answer(
-        self,
-        method: str,
-        path: str,
-        known: bool,
-        namespace: str,
-        name: str | None,
-        verb: str,
-        raw: bytes,
-        content_type: str | None,
+        self, method: str, path: str, query: str, known: bool, namespace: str, name: str | None, verb: str, raw: bytes
+    ) -> tuple[int, Json]:
+        raise NotImplementedError
+
+
+class _Handler(ApiHandler):
+    kube: FakeKube
+    path_pattern = PATH
+
+    def _answer(
+        self, method: str, path: str, query: str, known: bool, namespace: str, name: str | None, verb: str, raw: bytes
     ) -> tuple[int, Json]:
         kube = self.kube
+        content_type = self.headers.get("Content-Type")
         if self.headers.get("Authorization") != f"Bearer {kube.token}":
             return kube._refuse(401, _status(401, "Unauthorized", "Unauthorized"))
         allowed = (method == "GET" and known) or (method == "POST" and known and name is None)

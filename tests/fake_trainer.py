@@ -49,11 +49,11 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Final
 from urllib.parse import parse_qs
 
-from fake_k8s import Request, _dict, _list, _now, serve_on_loopback, server_url
+from fake_k8s import ApiHandler, Request, _dict, _list, _now, serve_on_loopback, server_url
 from k8s_schema import find_crd, validate, validate_custom_resource
 
 GROUP: Final = "trainer.kubeflow.org"
@@ -63,7 +63,6 @@ RESOURCE: Final = f"{PLURAL}.{GROUP}"
 WEBHOOK: Final = "validator.trainjob.trainer.kubeflow.org"
 PATH: Final = re.compile(rf"^/apis/{re.escape(GROUP)}/{VERSION}/namespaces/([^/]+)/{PLURAL}(?:/([^/]+))?$")
 GROUP_PATH: Final = f"/apis/{GROUP}/"
-MAX_BODY: Final = 1 << 20
 RESERVED_ENV: Final = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 MASTER_PORT: Final = 29500
 NAME_RULES: Final = (  # the CRD's root x-kubernetes-validations, on metadata.name
@@ -394,45 +393,9 @@ def _resolve(job: Json, runtime: Json) -> Json:
     return {"replicas": nodes, "container": container, "securityContext": pod.get("securityContext")}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(ApiHandler):
     kube: FakeTrainer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self._handle("GET")
-
-    def do_POST(self) -> None:
-        self._handle("POST")
-
-    def do_PUT(self) -> None:
-        self._handle("PUT")
-
-    def do_PATCH(self) -> None:
-        self._handle("PATCH")
-
-    def do_DELETE(self) -> None:
-        self._handle("DELETE")
-
-    def _handle(self, method: str) -> None:
-        kube = self.kube
-        path, _, query = self.path.partition("?")
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(min(length, MAX_BODY)) if length else b""
-        match = PATH.match(path)
-        namespace, name = (match.group(1), match.group(2)) if match else ("", None)
-        verbs = {"GET": "get" if name else "list", "POST": "create", "PUT": "update", "PATCH": "patch"}
-        verb = verbs.get(method, method.lower())
-        code, answer = self._answer(method, path, query, match is not None, namespace, name, verb, raw)
-        kube.requests.append(Request(method, path, self.headers.get("Content-Type"), verb, code))
-        data = json.dumps(answer).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    path_pattern = PATH
 
     def _answer(
         self, method: str, path: str, query: str, known: bool, namespace: str, name: str | None, verb: str, raw: bytes
