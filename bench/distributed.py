@@ -12,6 +12,12 @@ by design, see visionpipe/training/distributed.py).
 
     .venv/bin/python bench/distributed.py                                   # gloo on CPU, 1 and 2 workers
     .venv/bin/python bench/distributed.py --backend nccl --nproc 1,2,4      # CUDA GPUs, one per worker
+    .venv/bin/python bench/distributed.py --recipe roadwork-vit-dora --strategies ddp,fsdp2 \
+        --overrides '{"preprocess": {"size": 28, "channels": 1, "mean": [0.5], "std": [0.5]}, "arch.patch_size": 7,
+                      "early_stopping.metric": "auto"}'                  # FSDP2 beside DDP (transformers)
+
+--strategies runs every worker count above 1 once per strategy (recipe field distributed.strategy); one worker
+is one process either way.
 
 CPU threads: --threads-total (default: the CPUs this process may use) are split evenly over the workers
 (OMP_NUM_THREADS), so 1 worker x 2 threads is compared with 2 workers x 1 thread on the same cores.
@@ -59,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"epochs": args.epochs, "num_workers": 0, **json.loads(args.overrides)}
     rows: list[dict[str, object]] = []
     first_weights: dict[str, np.ndarray] | None = None
-    for n in counts:
-        out = work / f"out-{args.backend}-{n}"
+    strategies = args.strategies.split(",")
+    runs = [(n, s) for n in counts for s in (strategies if n > 1 else strategies[:1])]
+    for n, strategy in runs:
+        out = work / f"out-{args.backend}-{n}-{strategy}"
         threads = max(1, args.threads_total // n)
         argv_worker = [
             "--dataset",
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             "--recipe",
             args.recipe,
             "--recipe-overrides-json",
-            json.dumps(overrides),
+            json.dumps({**overrides, "distributed.strategy": strategy}),
             "--device",
             device,
             "--checkpoint-dir",
@@ -91,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         delta = max(float(np.abs(weights[k] - first_weights[k]).max()) for k in weights)
         row: dict[str, object] = {
             "workers": n,
+            "strategy": strategy if n > 1 else "one process",
             "backend": args.backend,
             "threads_per_worker": threads if device == "cpu" else None,
             "train_images_per_second": images / seconds if seconds > 0 else 0.0,
@@ -102,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         rows.append(row)
         print(
-            f"{n} worker(s) x {row['threads_per_worker']} thread(s), {args.backend}: "
+            f"{n} worker(s) x {row['threads_per_worker']} thread(s), {args.backend}, {row['strategy']}: "
             f"{row['train_images_per_second']:.0f} img/s training, launch {wall:.0f}s wall, "
             f"load {load_before:.1f} -> {load_after:.1f}, max|dw| vs first {delta:.2e}",
             flush=True,
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(report, indent=1) + "\n")
-    print(", ".join(f"{r['workers']} workers: {r['train_images_per_second']:.0f} img/s" for r in rows))
+    print(", ".join(f"{r['workers']} ({r['strategy']}): {r['train_images_per_second']:.0f} img/s" for r in rows))
     return 0
 
 
@@ -128,6 +137,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    parser.add_argument("--strategies", default="ddp", help="comma-separated: ddp, fsdp2 (fsdp2: transformers)")
     parser.add_argument("--recipe", default="digits-cnn-mnist")
     parser.add_argument("--overrides", default="{}", help="recipe overrides as a JSON object")
     parser.add_argument("--epochs", type=int, default=3)

@@ -22,8 +22,10 @@ from visionpipe.phases import train_worker
 from visionpipe.serving import storage
 from visionpipe.training import distributed
 from visionpipe.training.errors import TrainError
+from visionpipe.training.loop import build_trainable_model
 from visionpipe.training.losses import weighted_loss
-from visionpipe.training.recipes import LossSpec
+from visionpipe.training.peft import merge_peft
+from visionpipe.training.recipes import LossSpec, RecipeError, load_recipe, recipe_hash
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_supervised_train import make_dataset  # the shared tiny dataset writer
@@ -59,16 +61,50 @@ KILL_AT_STEP = 3
 TOLERANCE = 1e-4  # max |delta w| allowed between worker counts (measured: ~1e-6)
 
 
-def worker_argv(dataset: Path, out: Path, seed: int = 0) -> list[str]:
+# FSDP2 (distributed.strategy fsdp2) on the transformer recipes: a tiny ViT with DoRA adapters on its MLP and a
+# tiny DINOv2 with LoRA, EMA on (sharded twin), gradient accumulation and clipping, the same augmentation as above.
+# peft's adapter dropout is off for the same reason as the model's.
+FSDP2_BASE = {
+    **{k: v for k, v in OVERRIDES.items() if k not in ("arch", "preprocess")},
+    "preprocess": {"kind": "standard", "channels": 0, "size": 8, "mean": [0.5], "std": [0.5]},
+    "optimizer": {"name": "adamw", "lr": 0.005},
+    "grad_clip_norm": 1.0,
+    "early_stopping": {"metric": "auto", "patience": 0},
+    "loss": {"name": "cross_entropy", "label_smoothing": 0.1, "class_weights": "balanced"},
+    "distributed": {"strategy": "fsdp2"},
+}
+TRANSFORMER = {"patch_size": 4, "hidden_dim": 16, "num_layers": 2, "num_heads": 2, "dropout": 0.0}
+FSDP2_RECIPES = {
+    "vit": (
+        "roadwork-vit-dora",
+        {
+            **FSDP2_BASE,
+            "arch": {"name": "vit", **TRANSFORMER, "mlp_dim": 32},
+            "peft": {"method": "dora", "rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["mlp.0", "mlp.3"]},
+        },
+    ),
+    "dinov2": (
+        "roadwork-dinov2-lora",
+        {
+            **FSDP2_BASE,
+            "arch": {"name": "dinov2", **TRANSFORMER, "mlp_dim": 64},
+            "peft": {"method": "lora", "rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": []},
+        },
+    ),
+}
+
+
+def worker_argv(dataset: Path, out: Path, seed: int = 0, arch: str = "") -> list[str]:
+    recipe, overrides = FSDP2_RECIPES[arch] if arch else ("digits-cnn", OVERRIDES)
     return [
         "--dataset",
         str(dataset),
         "--out",
         str(out),
         "--recipe",
-        "digits-cnn",
+        recipe,
         "--recipe-overrides-json",
-        json.dumps({**OVERRIDES, "seed": seed}),
+        json.dumps({**overrides, "seed": seed}),
         "--device",
         "cpu",
     ]
@@ -90,11 +126,14 @@ def plain(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def runs(dataset: Path, plain: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Output folders: plain; seed1 (plain, another seed); torchrun1 / torchrun2 (1 / 2 workers under torchrun);
-    killed (2 workers, rank 1 SIGKILLed after step KILL_AT_STEP, --max-restarts=1); and the log of a launch
-    that fails (a bad recipe override) under "failed". The launches run at once (each costs ~10 s of torch
-    import per process here)."""
+    killed (2 workers, rank 1 SIGKILLed after step KILL_AT_STEP, --max-restarts=1); the log of a launch
+    that fails (a bad recipe override) under "failed"; and FSDP2: fsdp2-<arch>-plain (one process),
+    fsdp2-<arch> (2 workers) for vit and dinov2, fsdp2-vit-killed (killed as above). The launches run at once
+    (each costs ~10 s of torch import per process here)."""
     root = tmp_path_factory.mktemp("ddp")
-    out = {name: root / name for name in ("seed1", "torchrun1", "torchrun2", "killed", "failed")}
+    names = ("seed1", "torchrun1", "torchrun2", "killed", "failed", "fsdp2-vit", "fsdp2-vit-killed", "fsdp2-dinov2")
+    names += ("fsdp2-vit-plain", "fsdp2-dinov2-plain")
+    out = {name: root / name for name in names}
     logs: dict[str, list[str]] = {name: [] for name in out}
 
     def launch(
@@ -118,10 +157,21 @@ def runs(dataset: Path, plain: Path, tmp_path_factory: pytest.TempPathFactory) -
         "killed": launch("killed", 2, {distributed.KILL_HOOK_ENV: f"1:{KILL_AT_STEP}"}, restarts=1),
         "torchrun1": launch("torchrun1", 1),
         "failed": launch("failed", 1, argv=bad),
+        "fsdp2-vit": launch("fsdp2-vit", 2, argv=worker_argv(dataset, out["fsdp2-vit"], arch="vit")),
+        "fsdp2-vit-killed": launch(
+            "fsdp2-vit-killed",
+            2,
+            {distributed.KILL_HOOK_ENV: f"1:{KILL_AT_STEP}"},
+            restarts=1,
+            argv=worker_argv(dataset, out["fsdp2-vit-killed"], arch="vit"),
+        ),
+        "fsdp2-dinov2": launch("fsdp2-dinov2", 2, argv=worker_argv(dataset, out["fsdp2-dinov2"], arch="dinov2")),
     }
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = {name: pool.submit(job) for name, job in jobs.items()}
         assert train_worker.main(worker_argv(dataset, out["seed1"], seed=1)) == 0
+        for arch in ("vit", "dinov2"):
+            assert train_worker.main(worker_argv(dataset, out[f"fsdp2-{arch}-plain"], arch=arch)) == 0
         for name, future in futures.items():
             if name == "failed":
                 with pytest.raises(distributed.TorchrunFailed) as failure:
@@ -181,6 +231,41 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_matches(runs: dict[s
 
 
 @pytest.mark.long
+@pytest.mark.parametrize("arch", ["vit", "dinov2"])
+def test_fsdp2_two_workers_reach_the_one_process_weights(runs: dict[str, Path], arch: str) -> None:
+    """FSDP2: sharded parameters, gradients (reduce-scattered), optimizer state and EMA twin; evaluation
+    sharded over both ranks; the gathered result is the one-process run's."""
+    two, plain = runs[f"fsdp2-{arch}"], runs[f"fsdp2-{arch}-plain"]
+    assert max_delta(two, plain) < TOLERANCE
+    a, b = result(two), result(plain)
+    assert a.epochs_run == b.epochs_run == OVERRIDES["epochs"] and a.best_epoch == b.best_epoch
+    for h2, h1 in zip(a.history, b.history, strict=True):
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=1e-5)
+        assert h2["val_select_loss"] == pytest.approx(h1["val_select_loss"], abs=1e-4)  # the sharded evaluation
+    recipe = load_recipe(*FSDP2_RECIPES[arch])  # the run did train: far from its seeded init (the comparison can fail)
+    spec = st.resolve_arch(recipe, 3, st.resolve_preprocess(recipe, 1))
+    init = {
+        k: v.double().numpy() for k, v in merge_peft(build_trainable_model(recipe, spec, None)).state_dict().items()
+    }
+    trained = weights(two)
+    assert max(float(np.abs(trained[k] - init[k]).max()) for k in trained) > 100 * TOLERANCE
+    meta = json.loads((two / "model" / st.MODEL_META_FILE).read_text())
+    assert meta["recipe"]["distributed"] == {"strategy": "fsdp2"}
+
+
+@pytest.mark.long
+def test_fsdp2_killed_worker_resumes_from_the_gathered_checkpoint(runs: dict[str, Path]) -> None:
+    """The checkpoint of a sharded run (whole model, EMA and optimizer state gathered on rank 0, the
+    one-process format) loads back into the shards after a restart and the run ends where an unbroken one does."""
+    killed = result(runs["fsdp2-vit-killed"])
+    assert killed.resumed_from_epoch == 1
+    assert max_delta(runs["fsdp2-vit-killed"], runs["fsdp2-vit"]) < TOLERANCE
+    assert [h["val_select_loss"] for h in killed.history] == pytest.approx(
+        [h["val_select_loss"] for h in result(runs["fsdp2-vit"]).history], abs=1e-5
+    )
+
+
+@pytest.mark.long
 def test_outputs_keep_the_single_process_format(runs: dict[str, Path]) -> None:
     def files(out: Path) -> list[str]:
         return sorted(
@@ -189,6 +274,7 @@ def test_outputs_keep_the_single_process_format(runs: dict[str, Path]) -> None:
 
     plain, two = runs["plain"], runs["torchrun2"]
     assert files(two) == files(plain) == files(runs["killed"])
+    assert files(runs["fsdp2-vit"]) == files(runs["fsdp2-vit-plain"]) == files(plain)
     assert {
         "model/model.safetensors",
         "model/model.json",
@@ -242,6 +328,46 @@ def test_shards_cover_the_global_batch_in_order() -> None:
             assert max(sizes) - min(sizes) <= 1
     with pytest.raises(TrainError, match="cannot be split over 3 workers"):
         distributed.shard_bounds(2, 3, 0)
+
+
+def test_equal_shares_have_one_length_and_cover_the_images_in_order() -> None:
+    for n in (1, 5, 18, 19):
+        for world in (1, 2, 3, 4):
+            shares = [distributed.equal_share(n, world, r) for r in range(world)]
+            assert len({len(s) for s in shares}) == 1  # the same number of batches on every rank
+            assert np.concatenate(shares)[:n].tolist() == list(range(n))
+
+
+def test_distributed_strategy_is_checked_with_the_allowed_values() -> None:
+    with pytest.raises(RecipeError, match=r"distributed.strategy='zero3'.*ddp.*fsdp2"):
+        load_recipe("roadwork-vit-dora", {"distributed.strategy": "zero3"})
+    with pytest.raises(RecipeError, match=r"fsdp2.*transformer architecture \(vit, dinov2\).*'cnn-small'.*'ddp'"):
+        load_recipe("digits-cnn", {"distributed.strategy": "fsdp2"})
+    default = load_recipe("roadwork-vit-dora")
+    fsdp2 = load_recipe("roadwork-vit-dora", {"distributed.strategy": "fsdp2"})
+    assert "distributed" not in default.to_dict()  # recipes from before FSDP2 keep their content hash
+    assert fsdp2.to_dict()["distributed"] == {"strategy": "fsdp2"}
+    assert recipe_hash(fsdp2) != recipe_hash(default)  # a checkpoint of one is not resumed by the other
+
+
+def test_optimizer_state_renumbering_round_trips_and_refuses_a_foreign_model() -> None:
+    """torch.distributed.checkpoint names the parameters; checkpoints number them in param_groups order (the
+    one-process layout), so a sharded run's checkpoint is the same file a one-process run writes."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW([{"params": [model[0].weight, model[1].weight]}, {"params": [model[0].bias]}])
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    numbered = dict(optimizer.state_dict())
+    names = distributed.param_names(model, optimizer)
+    assert names == ["0.weight", "1.weight", "0.bias"]
+    by_name = distributed.renumber_by_name(numbered, names)
+    assert sorted(by_name["state"]) == sorted(names)
+    assert [g["params"] for g in by_name["param_groups"]] == [["0.weight", "1.weight"], ["0.bias"]]
+    back = distributed.renumber_by_position(by_name, names)
+    assert back["param_groups"] == numbered["param_groups"]
+    assert sorted(back["state"]) == [0, 1, 2]
+    with pytest.raises(TrainError, match="does not fit this model's parameters"):
+        distributed.renumber_by_position(by_name, names[:2])
 
 
 def test_env_context_reads_torchrun_and_refuses_nonsense() -> None:

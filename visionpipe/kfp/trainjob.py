@@ -64,10 +64,15 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from visionpipe import k8s_api
+from visionpipe.k8s_api import JsonObj, KubeApiError
+from visionpipe.k8s_api import json_dict as _dict
+from visionpipe.k8s_api import json_list as _list
+from visionpipe.k8s_api import json_str as _str
 from visionpipe.rollout.canary import Connection, KubeIsvcApi, RolloutError, Unreachable
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
@@ -95,8 +100,8 @@ MAX_WORKERS = 64
 TRANSIENT_TOLERANCE = 3  # consecutive failed polls (5xx / unreachable) before giving up
 DELETE_WAIT_S = 120.0  # how long a retry waits for its Failed predecessor to be gone
 
-JsonObj = dict[str, object]
 Log = Callable[[str], None]
+R = TypeVar("R")
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -108,13 +113,8 @@ class TrainJobRequestError(TrainJobError, ValueError):
     """A bad argument (the message names it, the bad value and what is allowed)."""
 
 
-class TrainJobApiError(TrainJobError):
-    """The Kubernetes API refused a call or could not be reached."""
-
-    def __init__(self, message: str, status: int = 0, causes: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.causes = tuple(causes)
+class TrainJobApiError(TrainJobError, KubeApiError):
+    """The Kubernetes API refused a call or could not be reached (`status`, `causes`: visionpipe/k8s_api.py)."""
 
 
 class TrainerNotInstalled(TrainJobApiError):
@@ -156,19 +156,6 @@ class TrainJobTimeout(TrainJobError):
 
 class TrainJobOutputMissing(TrainJobError):
     """Complete, but rank 0's ``_SUCCESS`` marker is not under the out URI."""
-
-
-# --------------------------------------------------------------------------------------------- JSON helpers
-def _dict(value: object) -> JsonObj:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: object) -> list[object]:
-    return value if isinstance(value, list) else []
-
-
-def _str(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 # --------------------------------------------------------------------------------------------- the S3 layout
@@ -472,33 +459,20 @@ class KubeTrainJobApi:
         )
 
     def _call(self, verb: str, namespace: str, name: str, call: Callable[[], object]) -> JsonObj:
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
-        try:
-            result = call()
-        except ApiException as exc:
-            raise api_error(verb, namespace, name, int(exc.status or 0), str(exc.reason), exc.body) from exc
-        except HTTPError as exc:
-            host = self._api.api_client.configuration.host
-            raise TrainJobUnreachable(f"cannot reach the Kubernetes API at {host}: {exc}") from exc
+        result = k8s_api.call(
+            call,
+            self._api.api_client.configuration.host,
+            lambda status, reason, body: api_error(verb, namespace, name, status, reason, body),
+            TrainJobUnreachable,
+        )
         return _dict(result)
 
 
 def api_error(verb: str, namespace: str, name: str, status: int, reason: str, body: object) -> TrainJobApiError:
-    """The named error for an API answer (`body`: the metav1.Status the server sends, JSON)."""
-    parsed: JsonObj = {}
-    if isinstance(body, bytes | str):
-        try:
-            parsed = _dict(json.loads(body))
-        except ValueError:
-            parsed = {}
-    message = _str(parsed.get("message")) or reason or f"HTTP {status}"
-    details = _dict(parsed.get("details"))
-    causes = [
-        f"{_str(c.get('field')) or '<object>'}: {_str(c.get('message')) or _str(c.get('reason')) or ''}"
-        for c in map(_dict, _list(details.get("causes")))
-    ]
+    """The named error for an API answer (`body`: the metav1.Status the server sends, JSON;
+    visionpipe/k8s_api.py `parse_answer`)."""
+    answer = k8s_api.parse_answer(status, reason, body)
+    message, details, causes = answer.message, answer.details, answer.causes
     what = f"TrainJob {name!r} in namespace {namespace!r}" if name else f"TrainJobs in namespace {namespace!r}"
     if status == 404 and verb == "create":
         if details.get("kind") == "namespaces":
@@ -511,7 +485,7 @@ def api_error(verb: str, namespace: str, name: str, status: int, reason: str, bo
         )
     if status == 404:
         return TrainJobVanished(f"{what} does not exist (server: {message})", status)
-    if status == 403 and "admission webhook" in message:
+    if answer.webhook_denied:  # the Trainer's validating webhook (k8s_api.ErrorAnswer.webhook_denied)
         hint = ""
         if "must be created before" in message or "unsupported runtime" in message:
             hint = f". The runtime {RUNTIME_NAME!r} is missing: kubectl apply -k {TRAINER_MANIFESTS}"
@@ -524,8 +498,9 @@ def api_error(verb: str, namespace: str, name: str, status: int, reason: str, bo
             status,
         )
     if status == 422:
-        detail = "; ".join(causes) or message
-        return TrainJobInvalid(f"the API server refused the {verb} of {what} as invalid: {detail}", status, causes)
+        return TrainJobInvalid(
+            f"the API server refused the {verb} of {what} as invalid: {answer.detail}", status, causes
+        )
     return TrainJobApiError(f"{verb} {what}: HTTP {status} {message}", status, causes)
 
 
@@ -586,7 +561,8 @@ def run_trainjob(
     start = clock()
     deadline = start + budget
     attached = replaced = False
-    where = f"TrainJob {namespace}/{name}"
+    watch = _Watch(api, namespace, name, log, poll_s, sleep, clock)
+    where = watch.where
     try:
         api.create(namespace, body)
         log(
@@ -611,14 +587,14 @@ def run_trainjob(
                     "and starting again (the workers resume from the checkpoint)"
                 )
                 api.delete(namespace, name)
-            _wait_gone(api, namespace, name, log, poll_s, min(deadline, clock() + DELETE_WAIT_S), sleep, clock)
+            watch.wait_gone(min(deadline, clock() + DELETE_WAIT_S))
             api.create(namespace, body)
             replaced = True
             log(f"{where}: created again")
         else:
             attached = True
             log(f"{where}: re-attached (an earlier attempt of this step created it; now {state.phase})")
-    final, polls = _follow(api, namespace, name, log, poll_s, deadline, sleep, clock, where)
+    final, polls = watch.follow(deadline)
     exists = output_exists
     if exists is None:
         from visionpipe.serving.storage import exists as storage_exists
@@ -635,42 +611,72 @@ def run_trainjob(
     return TrainJobOutcome(name, namespace, spec.staging.out, attached, replaced, polls, clock() - start, final)
 
 
-def _follow(
-    api: TrainJobApi,
-    namespace: str,
-    name: str,
-    log: Log,
-    poll_s: float,
-    deadline: float,
-    sleep: Callable[[float], None],
-    clock: Callable[[], float],
-    where: str,
-) -> tuple[JsonObj, int]:
-    last = ""
-    polls = errors = 0
-    while True:
-        polls += 1
-        job: JsonObj | None
-        try:
-            job = api.get(namespace, name)
-            errors = 0
-        except TrainJobVanished as exc:
-            raise TrainJobVanished(
-                f"{where} disappeared while the step was waiting for it (deleted by someone else?): {exc}", exc.status
-            ) from exc
-        except TrainJobApiError as exc:
-            errors += 1
-            if not _transient(exc) or errors >= TRANSIENT_TOLERANCE:
-                raise
-            log(f"{where}: poll failed ({exc}); retrying")
-            job = None
-        if job is not None:
+@dataclass(frozen=True)
+class _Watch:
+    """How `run_trainjob` polls its TrainJob: the API, the job, the log, the interval and the clock. `poll` is
+    the one polling loop (deadline, sleep, get, judge); `follow` and `wait_gone` only judge."""
+
+    api: TrainJobApi
+    namespace: str
+    name: str
+    log: Log
+    poll_s: float
+    sleep: Callable[[float], None]
+    clock: Callable[[], float]
+
+    @property
+    def where(self) -> str:
+        return f"TrainJob {self.namespace}/{self.name}"
+
+    def poll(
+        self, attempt: Callable[[], R | None], deadline: float, before_sleep: Callable[[], None] | None = None
+    ) -> tuple[R | None, int]:
+        """Call `attempt` until it returns a value, at least once, and again after sleeping ``min(poll_s, time
+        left)`` (after `before_sleep`) while `deadline` (on `clock`) has not passed. Returns (that value, or None
+        when the deadline passed first; the number of calls); what `attempt` raises goes up."""
+        calls = 0
+        while True:
+            calls += 1
+            result = attempt()
+            if result is not None:
+                return result, calls
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return None, calls
+            if before_sleep is not None:
+                before_sleep()
+            self.sleep(min(self.poll_s, remaining))
+
+    def follow(self, deadline: float) -> tuple[JsonObj, int]:
+        """Poll the job until Complete (returned, with the polls); raise TrainJobFailed on Failed, TrainJobVanished
+        when it is gone or being deleted, TrainJobTimeout (after deleting it) at the deadline."""
+        where, namespace, name = self.where, self.namespace, self.name
+        last = ""
+        errors = 0
+
+        def judge() -> JsonObj | None:
+            """One poll: the job when Complete; None while it runs (or after a tolerated transient error)."""
+            nonlocal last, errors
+            try:
+                job = self.api.get(namespace, name)
+                errors = 0
+            except TrainJobVanished as exc:
+                raise TrainJobVanished(
+                    f"{where} disappeared while the step was waiting for it (deleted by someone else?): {exc}",
+                    exc.status,
+                ) from exc
+            except TrainJobApiError as exc:
+                errors += 1
+                if not _transient(exc) or errors >= TRANSIENT_TOLERANCE:
+                    raise
+                self.log(f"{where}: poll failed ({exc}); retrying")
+                return None
             state = job_state(job)
             if state.summary != last:
-                log(f"{where}: {state.phase}: {state.summary}")
+                self.log(f"{where}: {state.phase}: {state.summary}")
                 last = state.summary
             if state.phase == COMPLETE:
-                return job, polls
+                return job
             if state.phase == FAILED:
                 raise TrainJobFailed(
                     f"{where} failed: {state.reason}: {state.message} (kubectl describe trainjob -n {namespace} "
@@ -680,40 +686,36 @@ def _follow(
                 )
             if state.phase == "Deleting":
                 raise TrainJobVanished(f"{where} is being deleted by someone else; the step stops following it")
-        remaining = deadline - clock()
-        if remaining <= 0:
-            break
-        sleep(min(poll_s, remaining))
-    try:
-        api.delete(namespace, name)
-        action = "deleted it (its pods go first; a retry starts it again from the last checkpoint)"
-    except TrainJobApiError as exc:
-        action = f"could not delete it ({exc}); the Trainer stops it at its activeDeadlineSeconds"
-    raise TrainJobTimeout(
-        f"{where} did not finish within the step's budget ({polls} polls; last status: {last or 'none'}); {action}"
-    )
+            return None
 
-
-def _wait_gone(
-    api: TrainJobApi,
-    namespace: str,
-    name: str,
-    log: Log,
-    poll_s: float,
-    deadline: float,
-    sleep: Callable[[float], None],
-    clock: Callable[[], float],
-) -> None:
-    while True:
+        final, polls = self.poll(judge, deadline)
+        if final is not None:
+            return final, polls
         try:
-            api.get(namespace, name)
-        except TrainJobVanished:
-            return
-        remaining = deadline - clock()
-        if remaining <= 0:
+            self.api.delete(namespace, name)
+            action = "deleted it (its pods go first; a retry starts it again from the last checkpoint)"
+        except TrainJobApiError as exc:
+            action = f"could not delete it ({exc}); the Trainer stops it at its activeDeadlineSeconds"
+        raise TrainJobTimeout(
+            f"{where} did not finish within the step's budget ({polls} polls; last status: {last or 'none'}); {action}"
+        )
+
+    def wait_gone(self, deadline: float) -> None:
+        """Poll until the (deleted) job is gone; TrainJobTimeout if it is still there at the deadline."""
+
+        def gone() -> bool | None:
+            try:
+                self.api.get(self.namespace, self.name)
+            except TrainJobVanished:
+                return True
+            return None
+
+        def waiting() -> None:
+            self.log(f"{self.where}: waiting for the deletion to finish")
+
+        done, _ = self.poll(gone, deadline, before_sleep=waiting)
+        if done is None:
             raise TrainJobTimeout(
-                f"TrainJob {namespace}/{name} (Failed, deleted) is still being removed; its pods may be stuck "
-                f"terminating (kubectl get pods -n {namespace} -l jobset.sigs.k8s.io/jobset-name={name})"
+                f"{self.where} (Failed, deleted) is still being removed; its pods may be stuck terminating "
+                f"(kubectl get pods -n {self.namespace} -l jobset.sigs.k8s.io/jobset-name={self.name})"
             )
-        log(f"TrainJob {namespace}/{name}: waiting for the deletion to finish")
-        sleep(min(poll_s, remaining))

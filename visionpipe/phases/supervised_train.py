@@ -50,7 +50,7 @@ from visionpipe.specs.resolve import pending_views, resolve_arch, resolve_prepro
 from visionpipe.training import distributed
 from visionpipe.training.augment import black_level
 from visionpipe.training.batching import ModelInputs, in_order
-from visionpipe.training.checkpoint import CheckpointMirror, resume, save_checkpoint, state_copy
+from visionpipe.training.checkpoint import CheckpointMirror, resume, save_checkpoint
 from visionpipe.training.errors import TrainError, TrainingInterrupted
 from visionpipe.training.loop import TrainState, build_trainable_model, new_state, pick_device, train_epoch
 from visionpipe.training.passthrough import is_passthrough
@@ -165,8 +165,7 @@ def run(
     every rank resumes from the same checkpoint and returns the same TrainResult.
     """
     ctx = distributed.current()
-    if not ctx.is_main:
-        log = _quiet
+    log = distributed.main_log(ctx, log)
     ds = load_dataset(dataset_dir)
     preprocess = resolve_preprocess(recipe, ds.image_shape[2])
     arch = resolve_arch(recipe, ds.num_classes, preprocess)
@@ -177,9 +176,9 @@ def run(
         dev = torch.device("cuda", ctx.local_rank)
     backbone = None if is_passthrough(backbone_dir) else backbone_dir
 
-    loop = new_state(recipe, arch, backbone, dev, train.labels, ds.num_classes)
-    loop.dist = ctx
-    workers = f" x {ctx.world_size} workers ({ctx.backend})" if ctx.enabled else ""
+    loop = new_state(recipe, arch, backbone, dev, train.labels, ds.num_classes, ctx)
+    strategy = "fsdp2" if loop.sharded else "ddp"
+    workers = f" x {ctx.world_size} workers ({ctx.backend}, {strategy})" if ctx.enabled else ""
     log(
         f"supervised_train: {recipe.name} ({arch.name}, {trainable_summary(loop.model)}) on {dev.type}{workers}; "
         f"train {len(train.labels)} / val_select {len(select.labels)} images; select by {metric_name}"
@@ -221,10 +220,6 @@ def run(
         log,
     )
     return distributed.broadcast(ctx, result)
-
-
-def _quiet(_message: str) -> None:
-    pass
 
 
 def check_same_resume(ctx: distributed.DistContext, resumed_from: int, checkpoint_dir: Path) -> None:
@@ -375,6 +370,25 @@ def _predict_inputs(model: nn.Module, inputs: ModelInputs, batch_size: int, devi
     return np.concatenate(out).astype(np.float32)
 
 
+def _predict_inputs_sharded(
+    model: nn.Module, inputs: ModelInputs, batch_size: int, device: torch.device, ctx: distributed.DistContext
+) -> FloatArray:
+    """`_predict_inputs` of an FSDP2-sharded model: every rank runs the same number of batches (its forward
+    passes all-gather the parameters) over its equal share of the images (`distributed.equal_share`), and the
+    logits are gathered back in order on every rank."""
+    n = len(inputs)
+    mine = distributed.equal_share(n, ctx.world_size, ctx.rank)
+    model.eval()
+    out: list[torch.Tensor] = []
+    with torch.no_grad():
+        for x, _ in inputs.iterate([mine[i : i + batch_size] for i in range(0, len(mine), batch_size)], 0):
+            out.append(model(x.to(device)).float())
+    local = torch.cat(out)
+    gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
+    torch.distributed.all_gather(gathered, local)
+    return torch.cat(gathered)[:n].cpu().numpy().astype(np.float32)
+
+
 # ------------------------------------------------------------------------------------------ training loop
 
 
@@ -402,8 +416,16 @@ def _fit(
         train_loss, train_images = train_epoch(loop, recipe, inputs, train.labels, epoch, fill)
         train_seconds = time.perf_counter() - started
         score, select_loss = 0.0, 0.0
-        if loop.dist.is_main:  # rank 0 evaluates (every rank holds the same weights) and broadcasts the figures
+        # rank 0 evaluates (every rank holds the same weights) and broadcasts the figures; a sharded (FSDP2) model
+        # runs its forward passes on every rank (they are collectives), each rank on its share of val_select
+        select_logits = None
+        if loop.sharded:
+            select_logits = _predict_inputs_sharded(
+                loop.eval_model, select_x, recipe.eval_batch_size, loop.device, loop.dist
+            )
+        elif loop.dist.is_main:
             select_logits = _predict_inputs(loop.eval_model, select_x, recipe.eval_batch_size, loop.device)
+        if select_logits is not None:
             select_loss = float(F.cross_entropy(torch.from_numpy(select_logits), torch.from_numpy(select.labels)))
             score = selection_metric(select_logits, select.labels, metric_name)
         score, select_loss, train_seconds = distributed.broadcast(loop.dist, (score, select_loss, train_seconds))
@@ -413,7 +435,7 @@ def _fit(
         )
         if improved:
             loop.best_epoch, loop.best_metric, loop.best_loss = epoch, score, select_loss
-            loop.best_state = state_copy(loop.eval_model)
+            loop.best_state = distributed.full_state_dict(loop.eval_model, loop.sharded)  # rank 0's is exported
         seconds = distributed.broadcast(loop.dist, time.perf_counter() - started)  # one clock: rank 0's
         elapsed += seconds
         loop.epoch = epoch
@@ -433,10 +455,9 @@ def _fit(
         out_of_time = recipe.max_train_seconds > 0 and elapsed >= recipe.max_train_seconds
         no_progress = patience > 0 and epoch - loop.best_epoch >= patience
         loop.stopped_early = epoch < recipe.epochs and (no_progress or out_of_time)
-        if loop.dist.is_main:  # rank 0 writes the checkpoint; the others wait for it
-            save_checkpoint(loop, checkpoint_dir, improved)
-            if mirror is not None:
-                mirror.push()
+        save_checkpoint(loop, checkpoint_dir, improved)  # rank 0 writes (the others help gather a sharded model)
+        if loop.dist.is_main and mirror is not None:
+            mirror.push()
         distributed.barrier(loop.dist)
         eta = (elapsed / len(loop.history)) * (recipe.epochs - epoch) if not loop.stopped_early else 0.0
         log(

@@ -109,7 +109,7 @@ def _work(args: argparse.Namespace, ctx: DistContext, device: torch.device) -> N
         backbone_dir=backbone_dir,
         curve_path=out_dir / CURVE_FILE,
         device=device.type,
-        log=print if ctx.is_main else _quiet,
+        log=distributed.main_log(ctx, print),
         checkpoint_uri=args.checkpoint_uri,
     )
 
@@ -157,10 +157,6 @@ def _stage(ctx: DistContext, uri: str, local: Path) -> Path:
 
     distributed.agree(ctx, download, lambda c: c.local_rank == 0)
     return local
-
-
-def _quiet(_message: str) -> None:
-    pass
 
 
 if __name__ == "__main__":

@@ -46,10 +46,17 @@ import copy
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+from visionpipe import k8s_api
+from visionpipe.k8s_api import JsonObj as JsonObj  # re-exported: visionpipe.cli.canary reads it from here
+from visionpipe.k8s_api import KubeApiError
+from visionpipe.k8s_api import json_dict as _dict
+from visionpipe.k8s_api import json_list as _list
+from visionpipe.k8s_api import json_str as _str
 
 ACTIONS = ("start", "promote", "rollback", "status")
 DEFAULT_NAME = "digits"  # the InferenceService in manifests/ (a test keeps them equal)
@@ -86,8 +93,6 @@ SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 START_PERCENT = (1, 100)
 KNATIVE_MAX_PERCENT = 99
 
-JsonObj = dict[str, object]
-
 
 # --------------------------------------------------------------------------------------------- errors
 class RolloutError(Exception):
@@ -122,13 +127,8 @@ class StableUnknown(TransitionError):
     """rollback of a Knative canary whose stable bundle was never recorded."""
 
 
-class ApiError(RolloutError):
-    """The Kubernetes API refused a call or could not be reached."""
-
-    def __init__(self, message: str, status: int = 0, causes: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.causes = tuple(causes)
+class ApiError(RolloutError, KubeApiError):
+    """The Kubernetes API refused a call or could not be reached (`status`, `causes`: visionpipe/k8s_api.py)."""
 
 
 class NotFound(ApiError):
@@ -152,18 +152,6 @@ class Unreachable(ApiError):
 
 
 # --------------------------------------------------------------------------------------------- JSON helpers
-def _dict(value: object) -> JsonObj:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: object) -> list[object]:
-    return value if isinstance(value, list) else []
-
-
-def _str(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
 def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -653,47 +641,35 @@ class KubeIsvcApi:
         return self._call("patch", namespace, name, patch)
 
     def _call(self, verb: str, namespace: str, name: str, patch: Mapping[str, object] | None) -> JsonObj:
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
         args = (ISVC_GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name)
-        try:
+
+        def request() -> object:
             if patch is None:
-                result = self._api.get_namespaced_custom_object(*args, _request_timeout=self.timeout_s)
-            else:
-                result = self._api.patch_namespaced_custom_object(*args, dict(patch), _request_timeout=self.timeout_s)
-        except ApiException as exc:
-            raise api_error(verb, namespace, name, int(exc.status or 0), str(exc.reason), exc.body) from exc
-        except HTTPError as exc:
-            host = self._api.api_client.configuration.host
-            raise Unreachable(f"cannot reach the Kubernetes API at {host}: {exc}") from exc
+                return self._api.get_namespaced_custom_object(*args, _request_timeout=self.timeout_s)
+            return self._api.patch_namespaced_custom_object(*args, dict(patch), _request_timeout=self.timeout_s)
+
+        result = k8s_api.call(
+            request,
+            self._api.api_client.configuration.host,
+            lambda status, reason, body: api_error(verb, namespace, name, status, reason, body),
+            Unreachable,
+        )
         if not isinstance(result, dict):
             raise ApiError(f"{verb} {ISVC_RESOURCE} {name!r}: the API answered {type(result).__name__}, not an object")
         return result
 
 
 def api_error(verb: str, namespace: str, name: str, status: int, reason: str, body: object) -> ApiError:
-    """The named error for an API answer (`body`: the Status object the server sends, JSON)."""
-    parsed: JsonObj = {}
-    if isinstance(body, bytes | str):
-        try:
-            parsed = _dict(json.loads(body))
-        except ValueError:
-            parsed = {}
-    message = _str(parsed.get("message")) or reason or f"HTTP {status}"
-    causes = [
-        f"{_str(c.get('field')) or '<object>'}: {_str(c.get('message')) or _str(c.get('reason')) or ''}"
-        for c in map(_dict, _list(_dict(parsed.get("details")).get("causes")))
-    ]
+    """The named error for an API answer (`body`: the Status object the server sends, JSON;
+    visionpipe/k8s_api.py `parse_answer`)."""
+    answer = k8s_api.parse_answer(status, reason, body)
+    message, causes = answer.message, answer.causes
     what = f"InferenceService {name!r} in namespace {namespace!r}"
     if status == 404:
         return NotFound(
             f"{what} does not exist (server: {message}); check --name / --namespace (or the context)", status
         )
-    if status == 403 and "admission webhook" in message:
-        # controller-runtime answers a validator's error with Denied (403, webhook/admission/validator_custom.go,
-        # response.go); the API server prefixes "admission webhook ... denied the request"
-        # (k8s.io/apiserver pkg/admission/plugin/webhook/errors/statuserror.go ToStatusErr)
+    if answer.webhook_denied:  # KServe's validating webhook (k8s_api.ErrorAnswer.webhook_denied)
         return Refused(f"KServe refused the {verb} of {what}: {message}", status, causes)
     if status == 403:
         return Forbidden(
@@ -704,8 +680,7 @@ def api_error(verb: str, namespace: str, name: str, status: int, reason: str, bo
             status,
         )
     if status == 422:
-        detail = "; ".join(causes) or message
-        return Refused(f"the API server refused the {verb} of {what} as invalid: {detail}", status, causes)
+        return Refused(f"the API server refused the {verb} of {what} as invalid: {answer.detail}", status, causes)
     if status == 409:
         return Conflict(f"{what} changed while the canary was being updated ({message}); run the command again", status)
     if status == 401:

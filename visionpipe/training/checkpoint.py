@@ -7,11 +7,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from visionpipe.serving import storage
+from visionpipe.training import distributed
 from visionpipe.training.errors import ResumeError, TrainError
 from visionpipe.training.loop import RNG_SCHEME, TrainState
 
@@ -22,13 +22,22 @@ Log = Callable[[str], None]
 
 def save_checkpoint(loop: TrainState, checkpoint_dir: Path, best_changed: bool) -> None:
     """Write epoch `loop.epoch`'s state: tensors as safetensors, the rest as JSON; state.json is written last
-    (atomically), so a crash mid-write leaves the previous epoch's checkpoint intact."""
+    (atomically), so a crash mid-write leaves the previous epoch's checkpoint intact.
+
+    Every rank of a multi-worker run calls it; rank 0 writes. An FSDP2-sharded model, EMA and optimizer state
+    are gathered whole first (a collective), so the files have one format whatever the strategy and world size."""
+    if not (loop.dist.is_main or loop.sharded):
+        return
+    optim_state = distributed.optimizer_state(loop.model, loop.optimizer, loop.sharded)
+    model_state = distributed.full_state_dict(loop.model, loop.sharded)
+    ema_state = distributed.full_state_dict(loop.ema, loop.sharded) if loop.ema is not None else {}
+    if not loop.dist.is_main:
+        return
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     previous = _read_state_json(checkpoint_dir)
-    tensors, optim_meta = _optimizer_tensors(loop.optimizer)
-    tensors.update({f"model/{k}": v for k, v in state_copy(loop.model).items()})
-    if loop.ema is not None:
-        tensors.update({f"ema/{k}": v for k, v in state_copy(loop.ema).items()})
+    tensors, optim_meta = _optimizer_tensors(optim_state)
+    tensors.update({f"model/{k}": v for k, v in model_state.items()})
+    tensors.update({f"ema/{k}": v for k, v in ema_state.items()})
     state_name = f"state-{loop.epoch:04d}.safetensors"
     atomic_save(tensors, checkpoint_dir / state_name)
     best_name = str(previous.get("best_file", "")) if previous and not best_changed else ""
@@ -70,10 +79,11 @@ def resume(loop: TrainState, checkpoint_dir: Path, log: Log) -> int:
             f" vs {loop.recipe_hash[:12]}); use an empty checkpoint directory for a new recipe"
         )
     tensors = load_file(str(checkpoint_dir / str(meta["state_file"])))
-    _load_prefixed(loop.model, tensors, "model/")
+    _load_prefixed(loop.model, tensors, "model/", loop.sharded)
     if loop.ema is not None:
-        _load_prefixed(loop.ema, tensors, "ema/")
-    _load_optimizer(loop.optimizer, tensors, meta["optimizer"])
+        _load_prefixed(loop.ema, tensors, "ema/", loop.sharded)
+    optim_state = _optimizer_state(tensors, meta["optimizer"])
+    distributed.load_optimizer_state(loop.model, loop.optimizer, optim_state, loop.sharded)
     loop.best_state = load_file(str(checkpoint_dir / str(meta["best_file"])))
     loop.epoch, loop.step = _json_int(meta, "epoch"), _json_int(meta, "step")
     loop.ema_updates = _json_int(meta, "ema_updates")
@@ -190,12 +200,14 @@ def _parse_state(text: str, where: str) -> dict[str, object]:
     return data
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, object]]:
-    """Split an optimizer state dict into tensors (safetensors) and JSON-able metadata."""
-    sd = optimizer.state_dict()
+def _optimizer_tensors(sd: distributed.OptimState) -> tuple[dict[str, Tensor], dict[str, object]]:
+    """Split an optimizer state dict (torch's numbered layout) into tensors (safetensors) and JSON-able
+    metadata."""
     tensors: dict[str, Tensor] = {}
     per_param: dict[str, dict[str, object]] = {}
-    for pid, state in sd["state"].items():
+    per_pid = sd["state"]
+    assert isinstance(per_pid, dict)
+    for pid, state in per_pid.items():
         plain: dict[str, object] = {}
         for key, value in state.items():
             if isinstance(value, Tensor):
@@ -206,7 +218,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tens
     return tensors, {"param_groups": sd["param_groups"], "state": per_param}
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: object) -> None:
+def _optimizer_state(tensors: dict[str, Tensor], meta: object) -> distributed.OptimState:
+    """The numbered-layout optimizer state dict of a checkpoint (the inverse of `_optimizer_tensors`)."""
     if not isinstance(meta, dict):
         raise ResumeError("checkpoint optimizer metadata is malformed")
     state: dict[int, dict[str, object]] = {int(pid): dict(v) for pid, v in meta["state"].items()}
@@ -214,20 +227,15 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]
         if key.startswith("optim/"):
             _, pid, name = key.split("/", 2)
             state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _load_prefixed(model: nn.Module, tensors: dict[str, Tensor], prefix: str) -> None:
+def _load_prefixed(model: nn.Module, tensors: dict[str, Tensor], prefix: str, sharded: bool) -> None:
     state = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
     missing = set(model.state_dict()) - set(state)
     if missing:
         raise ResumeError(f"checkpoint lacks {len(missing)} {prefix.rstrip('/')} tensors, e.g. {sorted(missing)[:3]}")
-    model.load_state_dict(state)
-
-
-def state_copy(model: nn.Module) -> dict[str, Tensor]:
-    """A detached, contiguous CPU copy of the model's state dict."""
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    distributed.load_full_state_dict(model, state, sharded)
 
 
 def atomic_save(tensors: dict[str, Tensor], path: Path) -> None:

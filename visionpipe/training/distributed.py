@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -43,7 +45,6 @@ from visionpipe.training.errors import TrainError
 T = TypeVar("T")
 Log = Callable[[str], None]
 
-STRATEGIES = ("ddp", "fsdp2")
 KILL_HOOK_ENV = "VISIONPIPE_TEST_KILL_AT_STEP"  # "<rank>:<step>": SIGKILL that rank after that optimizer step
 GROUP_TIMEOUT_S = float(os.environ.get("VISIONPIPE_DIST_TIMEOUT_S", "1800"))
 
@@ -124,6 +125,15 @@ def current() -> DistContext:
     return DistContext(dist.get_rank(), local, dist.get_world_size(), str(dist.get_backend()))
 
 
+def main_log(ctx: DistContext, log: Log) -> Log:
+    """`log` on rank 0 (or one process); a log that drops every line on the other ranks."""
+    return log if ctx.is_main else _drop
+
+
+def _drop(_line: str) -> None:
+    pass
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -184,6 +194,15 @@ def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+def equal_share(n: int, world_size: int, rank: int) -> npt.NDArray[np.int64]:
+    """`rank`'s contiguous share of indices 0..n-1 when every rank must take the same number (collective
+    forward passes): the index list padded with its last index to a multiple of the world size. The shares
+    concatenated in rank order, cut to n, are 0..n-1."""
+    per_rank = -(-n // world_size)
+    padded = np.minimum(np.arange(per_rank * world_size), n - 1).astype(np.int64)
+    return padded[rank * per_rank : (rank + 1) * per_rank]
 
 
 def maybe_kill_for_test(ctx: DistContext, step: int) -> None:
@@ -315,11 +334,122 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
 
-def validate_strategy(strategy: str, world_size: int) -> None:
-    if strategy not in STRATEGIES:
-        raise TrainError(f"distributed strategy {strategy!r} is not one of {list(STRATEGIES)}")
-    if world_size < 1:
-        raise TrainError(f"world size {world_size} must be >= 1")
+def shard_fsdp2(model: nn.Module, block_names: Sequence[str], device: torch.device, world_size: int) -> int:
+    """FSDP2 in place: `fully_shard` each transformer block (the modules whose qualified names end with one of
+    `block_names`; a PEFT wrapper adds a prefix), then the root, over a 1-d device mesh of the group
+    (torch/distributed/fsdp/_fully_shard/_fully_shard.py). Parameters become DTensors sharded on dim 0, so the
+    optimizer must be built afterwards. Gradients are reduce-scattered as the mean over ranks (ReduceOp.AVG,
+    _fsdp_collectives.py _get_gradient_divide_factors), the same scaling DDP applies. Returns the block count."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    wanted = tuple(block_names)
+    blocks = [m for name, m in model.named_modules() if any(name == b or name.endswith("." + b) for b in wanted)]
+    if not blocks:
+        raise TrainError(
+            f"FSDP2 found none of the transformer blocks {list(wanted)[:2]}... in the model; distributed.strategy="
+            "'fsdp2' is for the transformer architectures (use 'ddp')"
+        )
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return len(blocks)
+
+
+def gradient_sync(module: nn.Module, sync: bool) -> contextlib.AbstractContextManager[None]:
+    """Whether this backward reduces gradients over the ranks: DDP's no_sync() while accumulating; FSDP2's
+    set_requires_gradient_sync (unsharded gradients accumulate locally, reduce-scattered on the step's last
+    micro-batch, torch/distributed/fsdp/_fully_shard/_fully_shard.py)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(module, DistributedDataParallel):
+        return contextlib.nullcontext() if sync else module.no_sync()
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def full_state_dict(module: nn.Module, sharded: bool) -> dict[str, Tensor]:
+    """A detached, contiguous CPU copy of the whole state dict. Sharded (FSDP2): gathered from every rank (a
+    collective: every rank calls it), returned on rank 0 only and {} elsewhere (StateDictOptions
+    full_state_dict + cpu_offload, torch/distributed/checkpoint/state_dict.py)."""
+    if not sharded:
+        return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().contiguous() for k, v in full.items() if isinstance(v, Tensor)}
+
+
+def load_full_state_dict(module: nn.Module, state: Mapping[str, Tensor], sharded: bool) -> None:
+    """Load a whole (unsharded) state dict; sharded, every rank keeps its own shard of it (a collective)."""
+    if not sharded:
+        module.load_state_dict(dict(state))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True))
+
+
+OptimState = dict[str, object]  # torch's optimizer state-dict shape: {"state": {...}, "param_groups": [...]}
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> OptimState:
+    """The optimizer's state dict in torch's one-process layout (parameters numbered in param_groups order).
+    Sharded: gathered whole from every rank (a collective; rank 0 gets it, the others {}) and renumbered, so a
+    checkpoint has one format whatever the strategy and world size."""
+    if not sharded:
+        return dict(optimizer.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    by_name: dict[str, object] = dict(get_optimizer_state_dict(model, optimizer, options=options))
+    return renumber_by_position(by_name, param_names(model, optimizer)) if by_name else {}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: OptimState, sharded: bool) -> None:
+    """Load a one-process-layout optimizer state dict; sharded, each rank keeps its shard (a collective)."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    by_name = renumber_by_name(state, param_names(model, optimizer))
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))  # type: ignore[arg-type]  # torch's OptimizerStateType is a TypedDict-like alias of this dict
+
+
+def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The qualified names of the optimizer's parameters in param_groups order (torch numbers them 0, 1, ...
+    in this order in Optimizer.state_dict)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def renumber_by_position(state: Mapping[str, object], names: Sequence[str]) -> OptimState:
+    """A state dict keyed by parameter names (torch.distributed.checkpoint's layout) in the numbered layout."""
+    position = {n: i for i, n in enumerate(names)}
+    return _renumbered(state, lambda key: position[str(key)])
+
+
+def renumber_by_name(state: Mapping[str, object], names: Sequence[str]) -> OptimState:
+    """The inverse of `renumber_by_position`."""
+    return _renumbered(state, lambda key: names[int(str(key))])
+
+
+def _renumbered(state: Mapping[str, object], key_of: Callable[[object], object]) -> OptimState:
+    per_param = state["state"]
+    groups = state["param_groups"]
+    if not isinstance(per_param, Mapping) or not isinstance(groups, list):
+        raise TrainError("optimizer state dict must hold a 'state' mapping and a 'param_groups' list")
+    try:
+        return {
+            "state": {key_of(k): v for k, v in per_param.items()},
+            "param_groups": [{**g, "params": [key_of(p) for p in g["params"]]} for g in groups],
+        }
+    except (KeyError, IndexError, ValueError) as exc:
+        raise TrainError(f"optimizer state does not fit this model's parameters ({exc!r})") from exc
 
 
 # ---------------------------------------------------------------------------------------------- the launcher

@@ -3,10 +3,9 @@
 
 The randomness of epoch e (data order, augmentation, dropout) comes from (recipe.seed, e) alone, so a run
 resumed after epoch e - 1 continues exactly as an uninterrupted one. Under torchrun the same loop trains
-data-parallel (DDP over shards of each global batch, visionpipe/training/distributed.py); with one process
-nothing of that runs."""
+data-parallel (DDP, or FSDP2 for transformers, over shards of each global batch,
+visionpipe/training/distributed.py); with one process nothing of that runs."""
 
-import contextlib
 import math
 import sys
 import time
@@ -17,10 +16,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from visionpipe.serving.models import build_model, load_pretrained_backbone
 from visionpipe.specs import CONVNETS, ArchSpec, PeftError, PeftSpec
+from visionpipe.specs.registry import REGISTRY
 from visionpipe.training import distributed
 from visionpipe.training.augment import augment, mix
 from visionpipe.training.batching import ModelInputs, batches
@@ -57,6 +56,7 @@ class TrainState:
     memory_format: torch.memory_format = torch.contiguous_format
     dist: DistContext = SINGLE  # this process's place in a torchrun job (one process by default)
     wrapped: nn.Module | None = None  # the DDP wrapper of `model` that trains when dist.world_size > 1
+    sharded: bool = False  # FSDP2: `model` and `ema` are fully_shard-ed in place (DTensor parameters)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -64,8 +64,9 @@ class TrainState:
 
     def train_module(self) -> nn.Module:
         """What the forward pass runs: `model` itself with one process; with several, `model` wrapped once in
-        DDP (its batch norm layers switched to global-batch statistics first, visionpipe/training/distributed.py)."""
-        if not self.dist.enabled:
+        DDP (its batch norm layers switched to global-batch statistics first, visionpipe/training/distributed.py);
+        FSDP2-sharded, `model` itself (fully_shard changed it in place)."""
+        if not self.dist.enabled or self.sharded:
             return self.model
         if self.wrapped is None:
             distributed.use_global_batch_norm(self.model)
@@ -85,22 +86,36 @@ def new_state(
     device: torch.device,
     train_labels: npt.NDArray[np.int64],
     num_classes: int,
+    ctx: DistContext = SINGLE,
 ) -> TrainState:
     """The starting state. `backbone_dir` (a given backbone) wins; without one, an architecture with default
     pretrained weights (registry ``pretrained``, e.g. efficientnet-lite's ImageNet weights) starts from them
-    (visionpipe/training/pretrained.py), any other from its seeded random init."""
+    (visionpipe/training/pretrained.py), any other from its seeded random init.
+
+    With several workers and ``distributed.strategy: fsdp2`` the model and its EMA twin are sharded per
+    transformer block before the optimizer is built over the sharded parameters; every rank builds the same
+    seeded model first, so the shards start from one set of weights."""
     memory_format = training_memory_format(arch)
     if backbone_dir is None:
         backbone_dir = default_backbone(arch)
     model = build_trainable_model(recipe, arch, backbone_dir).to(device).to(memory_format=memory_format)
+    ema = frozen_copy(model) if recipe.ema.enabled else None
+    sharded = ctx.enabled and recipe.distributed.strategy == "fsdp2"
+    if sharded:
+        blocks = REGISTRY[arch.name].block_names(arch.num_layers)
+        for module in (model, ema):
+            if module is not None:
+                distributed.shard_fsdp2(module, blocks, device, ctx.world_size)
     return TrainState(
         model=model,
-        ema=frozen_copy(model) if recipe.ema.enabled else None,
+        ema=ema,
         optimizer=make_optimizer(model, recipe),
         class_weights=class_weights(recipe.loss, train_labels, num_classes).to(device),
         device=device,
         recipe_hash=recipe_hash(recipe),
         memory_format=memory_format,
+        dist=ctx,
+        sharded=sharded,
     )
 
 
@@ -185,7 +200,7 @@ def train_epoch(
     With N workers (state.dist) every rank draws the same global batches, augments and mixes the whole global
     batch with the same generator, and trains on its shard; its loss is the shard's weighted sum over the
     global batch's weight total, times N (DDP averages the gradients), so each update is the one-process
-    update of the global batch (visionpipe/training/distributed.py)."""
+    update of the global batch (visionpipe/training/distributed.py). FSDP2 reduce-scatters the same mean."""
     total_steps, warmup_steps = schedule_steps(recipe, len(labels))
     rng = np.random.default_rng([recipe.seed, epoch])
     torch.manual_seed(recipe.seed * 1_000_003 + epoch)
@@ -211,10 +226,8 @@ def train_epoch(
             weight_total = (targets * state.class_weights.view(1, -1)).sum().clamp_min(1e-12)
             x, targets = x[start:stop], targets[start:stop]
             shard_total = (targets * state.class_weights.view(1, -1)).sum().clamp_min(1e-12)
-            # DDP all-reduces on the accumulation's last micro-batch only (no_sync accumulates locally)
-            assert isinstance(module, DistributedDataParallel)
-            sync = contextlib.nullcontext() if step_now else module.no_sync()
-            with sync:
+            # gradients are reduced on the accumulation's last micro-batch only (accumulated locally before)
+            with distributed.gradient_sync(module, step_now):
                 with autocast:
                     logits = module(x)
                 loss = weighted_loss(logits.float(), targets, state.class_weights, recipe.loss)

@@ -43,6 +43,7 @@ PEFT_METHODS = METHODS
 TRANSFORMER_ARCHITECTURES = TRANSFORMERS
 ARCH_NAMES = ARCHITECTURES  # the architecture registry (visionpipe/specs/registry.py)
 PREPROCESS_KINDS = KINDS
+DIST_STRATEGIES = ("ddp", "fsdp2")  # visionpipe/training/distributed.py
 RECIPE_DIR_ENV = "VISIONPIPE_RECIPE_DIR"
 
 
@@ -190,6 +191,19 @@ class EarlyStoppingSpec:
         _in_range("early_stopping.min_delta", self.min_delta, 0.0, 1.0)
 
 
+@dataclass(frozen=True)
+class DistributedSpec:
+    """How the workers of a multi-worker run (train_workers > 1, torchrun) share the model. ddp: every worker
+    holds the whole model and gradients are all-reduced (every architecture). fsdp2: parameters, gradients and
+    optimizer state are sharded over the workers (torch.distributed.fsdp.fully_shard per transformer block and
+    the root), for the transformer architectures only. One process ignores it."""
+
+    strategy: str = "ddp"
+
+    def __post_init__(self) -> None:
+        _one_of("distributed.strategy", self.strategy, DIST_STRATEGIES)
+
+
 # The arch and peft sections are the spec types themselves (visionpipe/specs): one definition, validated once.
 # Their SpecErrors become RecipeErrors in `_build`.
 ArchRecipe = ArchChoice
@@ -252,6 +266,7 @@ class Recipe:
     ema: EmaSpec = field(default_factory=EmaSpec)
     early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
     peft: PeftChoice = field(default_factory=PeftChoice)
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
@@ -269,13 +284,21 @@ class Recipe:
                 f"preprocess.size={self.preprocess.size} must be a multiple of arch.patch_size="
                 f"{self.arch.patch_size} for {self.arch.name}"
             )
+        if self.distributed.strategy == "fsdp2" and self.arch.name not in TRANSFORMER_ARCHITECTURES:
+            raise RecipeError(
+                f"distributed.strategy='fsdp2' shards transformer blocks and needs a transformer architecture "
+                f"({', '.join(TRANSFORMER_ARCHITECTURES)}); arch.name={self.arch.name!r} trains with "
+                "distributed.strategy='ddp'"
+            )
 
     def to_dict(self) -> dict[str, object]:
-        """Plain JSON/YAML-ready mapping (tuples become lists). `preprocess.views` is left out while off, and its
-        `weights` while empty, so the recipes written before views (or learned weights) existed keep their
-        content hash."""
+        """Plain JSON/YAML-ready mapping (tuples become lists). `preprocess.views` is left out while off, its
+        `weights` while empty, and `distributed` while it is the default (ddp), so the recipes written before
+        views (or learned weights, or FSDP2) existed keep their content hash."""
         payload = _plain(asdict(self))
         assert isinstance(payload, dict)
+        if payload.get("distributed") == _plain(asdict(DistributedSpec())):
+            payload.pop("distributed")
         preprocess = payload.get("preprocess")
         if isinstance(preprocess, dict) and preprocess.get("views") is None:
             preprocess.pop("views", None)
