@@ -11,6 +11,7 @@ visionpipe/kfp/trainjob.py (TrainJobs), both over the kubernetes python client's
   caller's: the advice differs (which Role, which manifests to apply).
 - `call`: one API call with the client's exceptions turned into the caller's named errors (an HTTP answer ->
   the caller's mapping of `ErrorAnswer`; no answer at all -> the caller's "unreachable" error).
+- `CustomObjectsClient`: the constructor both API clients share (CustomObjectsApi, timeout, namespace).
 - `json_dict` / `json_list` / `json_str`: total readers of the JSON objects the API returns.
 
 Nothing here imports the kubernetes client at module level (it is imported inside `call`).
@@ -33,6 +34,19 @@ class KubeApiError(Exception):
         super().__init__(message)
         self.status = status
         self.causes = tuple(causes)
+
+
+class CustomObjectsClient:
+    """The part both API clients share: the kubernetes client's CustomObjectsApi over a configured ApiClient
+    (visionpipe/rollout/canary.py `connect_client`), the per-request timeout and the namespace the connection
+    named (None: the caller must name one)."""
+
+    def __init__(self, api_client: object, timeout_s: float = 30.0, default_namespace: str | None = None) -> None:
+        from kubernetes import client
+
+        self._api = client.CustomObjectsApi(api_client)
+        self.timeout_s = timeout_s
+        self.default_namespace = default_namespace
 
 
 def json_dict(value: object) -> JsonObj:

@@ -73,7 +73,7 @@ from visionpipe.k8s_api import JsonObj, KubeApiError
 from visionpipe.k8s_api import json_dict as _dict
 from visionpipe.k8s_api import json_list as _list
 from visionpipe.k8s_api import json_str as _str
-from visionpipe.rollout.canary import Connection, KubeIsvcApi, RolloutError, Unreachable
+from visionpipe.rollout.canary import Connection, RolloutError, Unreachable, connect_client
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -386,40 +386,22 @@ class TrainJobApi(Protocol):
     def delete(self, namespace: str, name: str) -> None: ...
 
 
-class KubeTrainJobApi:
+class KubeTrainJobApi(k8s_api.CustomObjectsClient):
     """`TrainJobApi` over the kubernetes python client's CustomObjectsApi (create / get / delete on the
     trainjobs path; a delete is ``propagationPolicy: Foreground``)."""
 
-    def __init__(self, api_client: object, timeout_s: float = 30.0, default_namespace: str | None = None) -> None:
-        from kubernetes import client
-
-        self._api = client.CustomObjectsApi(api_client)
-        self.timeout_s = timeout_s
-        self.default_namespace = default_namespace
-
     @classmethod
     def connect(cls, connection: Connection | None = None) -> KubeTrainJobApi:
-        """Like kubectl (kubeconfig / context / in-cluster service account / host + token), with the connection
-        code of visionpipe/rollout/canary.py (`Connection`, `KubeIsvcApi.connect`) reused as it is; in a pod the
-        service account comes first."""
-
-        class Holder(KubeIsvcApi):
-            """KubeIsvcApi.connect ends in ``cls(api_client, timeout_s, namespace)``: this keeps the client."""
-
-            def __init__(
-                self, api_client: object, timeout_s: float = 30.0, default_namespace: str | None = None
-            ) -> None:
-                super().__init__(api_client, timeout_s, default_namespace)
-                self.api_client = api_client
-
+        """Like kubectl (kubeconfig / context / in-cluster service account / host + token), through the
+        connection code of visionpipe/rollout/canary.py (`Connection`, `connect_client`); in a pod the service
+        account comes first."""
         try:
-            held = Holder.connect(connection or Connection(prefer_in_cluster=True))
+            connected = connect_client(connection or Connection(prefer_in_cluster=True))
         except Unreachable as exc:
             raise TrainJobUnreachable(str(exc)) from exc
         except RolloutError as exc:  # a bad kubeconfig / context (canary's CanaryError)
             raise TrainJobRequestError(str(exc)) from exc
-        assert isinstance(held, Holder)
-        return cls(held.api_client, held.timeout_s, held.default_namespace)
+        return cls(connected.api_client, connected.timeout_s, connected.namespace)
 
     def create(self, namespace: str, body: Mapping[str, object]) -> JsonObj:
         name = str(_dict(body.get("metadata")).get("name") or "")

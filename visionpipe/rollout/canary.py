@@ -571,68 +571,78 @@ def _kubeconfig_path(explicit: str | None) -> str | None:
     return str(default) if default.is_file() else None
 
 
-class KubeIsvcApi:
+@dataclass(frozen=True)
+class ConnectedClient:
+    """A kubernetes ApiClient configured from a `Connection`, with its request timeout and the namespace its
+    source names (the kubeconfig context's, the pod's service account's; None for a bare host)."""
+
+    api_client: object
+    timeout_s: float
+    namespace: str | None
+
+
+def connect_client(connection: Connection | None = None) -> ConnectedClient:
+    """Configure a client like kubectl (`Connection`): a bare host (+ token); else the kubeconfig and its context
+    and / or the pod's service account, in the order `prefer_in_cluster` says. Raises CanaryError for a bad
+    kubeconfig / context and Unreachable when there is no configuration at all. Every client of the Kubernetes
+    API here connects through it (KubeIsvcApi, visionpipe/kfp/trainjob.py's KubeTrainJobApi)."""
+    from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    connection = connection or Connection()
+    configuration = client.Configuration()
+    configuration.retries = 1  # an unreachable server fails fast; the caller sees Unreachable
+    namespace: str | None = None
+    if connection.host:
+        configuration.host = connection.host
+        if connection.token:
+            configuration.api_key["authorization"] = f"Bearer {connection.token}"
+        return ConnectedClient(client.ApiClient(configuration), connection.timeout_s, namespace)
+    explicit = connection.kubeconfig is not None or connection.context is not None
+    kubeconfig = _kubeconfig_path(connection.kubeconfig)
+    order = ["kubeconfig"] if explicit else ["kubeconfig", "in-cluster"]
+    if connection.prefer_in_cluster and not explicit:
+        order.reverse()
+    for source in order:
+        try:
+            if source == "in-cluster" and _in_cluster_available():
+                config.incluster_config.InClusterConfigLoader(
+                    token_filename=str(SERVICE_ACCOUNT_DIR / "token"),
+                    cert_filename=str(SERVICE_ACCOUNT_DIR / "ca.crt"),
+                ).load_and_set(configuration)
+                ns_file = SERVICE_ACCOUNT_DIR / "namespace"
+                namespace = ns_file.read_text().strip() if ns_file.is_file() else None
+            elif source == "kubeconfig" and kubeconfig is not None:
+                config.load_kube_config(
+                    config_file=kubeconfig,
+                    context=connection.context,
+                    client_configuration=configuration,
+                    persist_config=False,
+                )
+                contexts, active = config.list_kube_config_contexts(kubeconfig)
+                chosen = next((c for c in contexts if c.get("name") == connection.context), active)
+                namespace = _str(_dict(_dict(chosen).get("context")).get("namespace"))
+            else:
+                continue
+        except ConfigException as exc:
+            raise CanaryError(f"Kubernetes configuration ({source}, {kubeconfig or 'no kubeconfig'}): {exc}") from exc
+        configuration.retries = 1
+        return ConnectedClient(client.ApiClient(configuration), connection.timeout_s, namespace)
+    raise Unreachable(
+        "no Kubernetes configuration: no kubeconfig (--kubeconfig, $KUBECONFIG, ~/.kube/config) and no pod "
+        "service account; or print the kubectl command with --dry-run --mode"
+    )
+
+
+class KubeIsvcApi(k8s_api.CustomObjectsClient):
     """`IsvcApi` over the kubernetes python client's CustomObjectsApi. It sends a dict body of a PATCH to a
     custom object as ``application/merge-patch+json`` (kubernetes/client/api/custom_objects_api.py
     patch_namespaced_custom_object), i.e. RFC 7386, and calls nothing but GET / PATCH on the object's path."""
 
-    def __init__(self, api_client: object, timeout_s: float = 30.0, default_namespace: str | None = None) -> None:
-        from kubernetes import client
-
-        self._api = client.CustomObjectsApi(api_client)
-        self.timeout_s = timeout_s
-        self.default_namespace = default_namespace
-
     @classmethod
     def connect(cls, connection: Connection | None = None) -> KubeIsvcApi:
-        from kubernetes import client, config
-        from kubernetes.config.config_exception import ConfigException
-
-        connection = connection or Connection()
-        configuration = client.Configuration()
-        configuration.retries = 1  # an unreachable server fails fast; the caller sees Unreachable
-        namespace: str | None = None
-        if connection.host:
-            configuration.host = connection.host
-            if connection.token:
-                configuration.api_key["authorization"] = f"Bearer {connection.token}"
-            return cls(client.ApiClient(configuration), connection.timeout_s, namespace)
-        explicit = connection.kubeconfig is not None or connection.context is not None
-        kubeconfig = _kubeconfig_path(connection.kubeconfig)
-        order = ["kubeconfig"] if explicit else ["kubeconfig", "in-cluster"]
-        if connection.prefer_in_cluster and not explicit:
-            order.reverse()
-        for source in order:
-            try:
-                if source == "in-cluster" and _in_cluster_available():
-                    config.incluster_config.InClusterConfigLoader(
-                        token_filename=str(SERVICE_ACCOUNT_DIR / "token"),
-                        cert_filename=str(SERVICE_ACCOUNT_DIR / "ca.crt"),
-                    ).load_and_set(configuration)
-                    ns_file = SERVICE_ACCOUNT_DIR / "namespace"
-                    namespace = ns_file.read_text().strip() if ns_file.is_file() else None
-                elif source == "kubeconfig" and kubeconfig is not None:
-                    config.load_kube_config(
-                        config_file=kubeconfig,
-                        context=connection.context,
-                        client_configuration=configuration,
-                        persist_config=False,
-                    )
-                    contexts, active = config.list_kube_config_contexts(kubeconfig)
-                    chosen = next((c for c in contexts if c.get("name") == connection.context), active)
-                    namespace = _str(_dict(_dict(chosen).get("context")).get("namespace"))
-                else:
-                    continue
-            except ConfigException as exc:
-                raise CanaryError(
-                    f"Kubernetes configuration ({source}, {kubeconfig or 'no kubeconfig'}): {exc}"
-                ) from exc
-            configuration.retries = 1
-            return cls(client.ApiClient(configuration), connection.timeout_s, namespace)
-        raise Unreachable(
-            "no Kubernetes configuration: no kubeconfig (--kubeconfig, $KUBECONFIG, ~/.kube/config) and no pod "
-            "service account; or print the kubectl command with --dry-run --mode"
-        )
+        connected = connect_client(connection)
+        return cls(connected.api_client, connected.timeout_s, connected.namespace)
 
     def get(self, namespace: str, name: str) -> JsonObj:
         return self._call("get", namespace, name, None)
