@@ -42,7 +42,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Final, Protocol
+from typing import Final, Protocol, Self
 
 from k8s_schema import find_crd, merge_patch, validate, validate_custom_resource
 from kserve_rules import (
@@ -115,8 +115,11 @@ def serve_on_loopback(fake: object, handler: type[BaseHTTPRequestHandler]) -> It
 
 
 @dataclass
-class FakeKube:
-    """The fake API server; `url` once started (use `running()`)."""
+class FakeApiServer:
+    """What the fake API servers share (this one and tests/fake_trainer.py's): the runtimes, the RBAC verbs
+    allowed (None: all), the bearer token and user; the stored objects and the logs the tests read (requests,
+    unexpected paths, refusals, CRD issues of the written status); the lock, the resourceVersion counter and the
+    loopback server `running()` starts, answering through `handler()`."""
 
     runtimes: Sequence[Mapping[str, object]] = ()
     allowed_verbs: set[str] | None = None
@@ -126,27 +129,57 @@ class FakeKube:
     requests: list[Request] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     refusals: list[tuple[int, str]] = field(default_factory=list)
-    controller_issues: list[str] = field(default_factory=list)
     status_issues: list[str] = field(default_factory=list)
-    history: list[Json] = field(default_factory=list)  # every stored version
-    _revisions: dict[tuple[str, str], _Revisions] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _version: int = 100
     _server: ThreadingHTTPServer | None = None
 
-    # ---------------------------------------------------------------------------------------- lifecycle
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        """The request handler class of this fake (an `ApiHandler` subclass)."""
+        raise NotImplementedError
+
     @property
     def url(self) -> str:
         return server_url(self._server)
 
     @contextmanager
-    def running(self) -> Iterator[FakeKube]:
-        with serve_on_loopback(self, _Handler) as server:
+    def running(self) -> Iterator[Self]:
+        with serve_on_loopback(self, self.handler()) as server:
             self._server = server
             try:
                 yield self
             finally:
                 self._server = None
+
+    def _refuse(self, code: int, status: Json) -> tuple[int, Json]:
+        self.refusals.append((code, str(status.get("message"))))
+        return code, status
+
+
+def failure_status(code: int, reason: str, message: str) -> Json:
+    """A metav1.Status failure as the API server sends it, without details."""
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+@dataclass
+class FakeKube(FakeApiServer):
+    """The fake API server; `url` once started (use `running()`)."""
+
+    controller_issues: list[str] = field(default_factory=list)
+    history: list[Json] = field(default_factory=list)  # every stored version
+    _revisions: dict[tuple[str, str], _Revisions] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------------------------------- lifecycle
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return _Handler
 
     def kubeconfig(self, namespace: str, context: str = "fake") -> Json:
         """A kubeconfig (as a dict, dump it to YAML) pointing at this server, with `namespace` as its default."""
@@ -223,10 +256,6 @@ class FakeKube:
             return self._store(namespace, name, new, old)
 
     # ---------------------------------------------------------------------------------------- internals
-    def _refuse(self, code: int, status: Json) -> tuple[int, Json]:
-        self.refusals.append((code, str(status.get("message"))))
-        return code, status
-
     def _store(self, namespace: str, name: str, new: Json, old: Json | None, code: int = 200) -> tuple[int, Json]:
         defaulted = default_isvc(new)
         schema = validate(defaulted, _strip_status(old) if old is not None else None)
@@ -471,16 +500,7 @@ def _status(
     details: Json = {"name": name, "group": GROUP, "kind": kind}
     if causes:
         details["causes"] = list(causes)
-    return {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "details": details,
-        "code": code,
-    }
+    return {**failure_status(code, reason, message), "details": details}
 
 
 def _not_found(name: str) -> Json:

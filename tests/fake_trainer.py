@@ -44,16 +44,14 @@ from __future__ import annotations
 import copy
 import json
 import re
-import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Final
 from urllib.parse import parse_qs
 
-from fake_k8s import ApiHandler, Request, _dict, _list, _now, serve_on_loopback, server_url
+from fake_k8s import ApiHandler, FakeApiServer, _dict, _list, _now, failure_status
 from k8s_schema import find_crd, validate, validate_custom_resource
 
 GROUP: Final = "trainer.kubeflow.org"
@@ -111,44 +109,22 @@ def stuck() -> list[Step]:
 
 
 @dataclass
-class FakeTrainer:
+class FakeTrainer(FakeApiServer):
     """The fake API server; `url` once started (use `running()`)."""
 
-    runtimes: Sequence[Mapping[str, object]] = ()
     installed: bool = True
-    allowed_verbs: set[str] | None = None
-    token: str = "fake-token"
-    user: str = "system:serviceaccount:kubeflow-user:default-editor"
     plan: Callable[[Json], list[Step]] = field(default=lambda job: completes())
     foreground_polls: int = 1
     fail_next_gets: int = 0  # answer that many GETs of a TrainJob with 500 (a transient API server error)
-    objects: dict[tuple[str, str], Json] = field(default_factory=dict)
     resolved: dict[str, Json] = field(default_factory=dict)
-    requests: list[Request] = field(default_factory=list)
     deletes: list[tuple[str, str | None]] = field(default_factory=list)  # (name, propagationPolicy)
-    unexpected: list[str] = field(default_factory=list)
-    refusals: list[tuple[int, str]] = field(default_factory=list)
-    status_issues: list[str] = field(default_factory=list)
     unevaluated: list[str] = field(default_factory=list)
     _steps: dict[tuple[str, str], list[Step]] = field(default_factory=dict)
     _deleting: dict[tuple[str, str], int] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _version: int = 100
-    _server: ThreadingHTTPServer | None = None
 
     # ---------------------------------------------------------------------------------------- lifecycle
-    @property
-    def url(self) -> str:
-        return server_url(self._server)
-
-    @contextmanager
-    def running(self) -> Iterator[FakeTrainer]:
-        with serve_on_loopback(self, _Handler) as server:
-            self._server = server
-            try:
-                yield self
-            finally:
-                self._server = None
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return _Handler
 
     def reset(self) -> None:
         with self._lock:
@@ -251,10 +227,6 @@ class FakeTrainer:
         return answer
 
     # ---------------------------------------------------------------------------------------- internals
-    def _refuse(self, code: int, status: Json) -> tuple[int, Json]:
-        self.refusals.append((code, str(status.get("message"))))
-        return code, status
-
     def _schema_causes(self, job: Json) -> list[Json]:
         result = validate(job)
         causes: list[Json] = [
@@ -405,12 +377,14 @@ class _Handler(ApiHandler):
             return kube._refuse(401, _status(401, "Unauthorized", "Unauthorized"))
         if not kube.installed and path.startswith(GROUP_PATH):
             # no CRD: the group is not served at all (apiserver NotFound for an unknown resource path)
-            return kube._refuse(404, _bare_status(404, "NotFound", "the server could not find the requested resource"))
+            return kube._refuse(
+                404, failure_status(404, "NotFound", "the server could not find the requested resource")
+            )
         allowed = (method == "GET" and known) or (method == "POST" and known and name is None)
         allowed = allowed or (method == "DELETE" and known and name is not None)
         if not allowed:
             kube.unexpected.append(f"{method} {path}")
-            return 404, _bare_status(
+            return 404, failure_status(
                 404, "NotFound", f"the server could not find the requested resource ({method} {path})"
             )
         if kube.allowed_verbs is not None and verb not in kube.allowed_verbs:
@@ -429,7 +403,7 @@ class _Handler(ApiHandler):
             with kube._lock:
                 if kube.fail_next_gets > 0:
                     kube.fail_next_gets -= 1
-                    return kube._refuse(500, _bare_status(500, "InternalError", "etcdserver: request timed out"))
+                    return kube._refuse(500, failure_status(500, "InternalError", "etcdserver: request timed out"))
             return kube.get(namespace, name)
         if method == "DELETE":
             assert name is not None
@@ -458,19 +432,7 @@ def _status(
     details: Json = {"name": name, "group": GROUP, "kind": kind}
     if causes:
         details["causes"] = list(causes)
-    return {**_bare_status(code, reason, message), "details": details}
-
-
-def _bare_status(code: int, reason: str, message: str) -> Json:
-    return {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    }
+    return {**failure_status(code, reason, message), "details": details}
 
 
 def _not_found(name: str) -> Json:
