@@ -59,6 +59,17 @@ OVERRIDES = {
 # step 3 is mid epoch 2, after epoch 1's checkpoint
 KILL_AT_STEP = 3
 TOLERANCE = 1e-4  # max |delta w| allowed between worker counts (measured: ~1e-6)
+# the files train_worker writes under --out (its docstring's layout)
+WORKER_OUTPUTS = {
+    "model/model.safetensors",
+    "model/model.json",
+    "logits/val_calib.npz",
+    "logits/val_test.npz",
+    "logits/meta.json",
+    "curve.png",
+    "result.json",
+    "_SUCCESS",
+}
 
 
 # FSDP2 (distributed.strategy fsdp2) on the transformer recipes: a tiny ViT with DoRA adapters on its MLP and a
@@ -275,16 +286,7 @@ def test_outputs_keep_the_single_process_format(runs: dict[str, Path]) -> None:
     plain, two = runs["plain"], runs["torchrun2"]
     assert files(two) == files(plain) == files(runs["killed"])
     assert files(runs["fsdp2-vit"]) == files(runs["fsdp2-vit-plain"]) == files(plain)
-    assert {
-        "model/model.safetensors",
-        "model/model.json",
-        "logits/val_calib.npz",
-        "logits/val_test.npz",
-        "logits/meta.json",
-        "curve.png",
-        "result.json",
-        "_SUCCESS",
-    } <= set(files(plain))
+    assert set(files(plain)) >= WORKER_OUTPUTS
     a, b = load_file(str(two / "model" / st.MODEL_FILE)), load_file(str(plain / "model" / st.MODEL_FILE))
     assert {k: (tuple(v.shape), v.dtype) for k, v in a.items()} == {k: (tuple(v.shape), v.dtype) for k, v in b.items()}
     meta2 = json.loads((two / "model" / st.MODEL_META_FILE).read_text())
@@ -491,16 +493,7 @@ def test_worker_reads_and_writes_s3(dataset: Path, s3_bucket: str) -> None:
     before = set(Path(tempfile.gettempdir()).glob(f"{train_worker.STAGING_PREFIX}*"))
     assert train_worker.main([*argv, "--checkpoint-uri", mirror]) == 0
     names = {uri.removeprefix(out + "/") for uri in storage.list_uris(out)}
-    assert names == {
-        "model/model.safetensors",
-        "model/model.json",
-        "logits/val_calib.npz",
-        "logits/val_test.npz",
-        "logits/meta.json",
-        "curve.png",
-        "result.json",
-        "_SUCCESS",
-    }
+    assert names == WORKER_OUTPUTS
     parsed = st.TrainResult.from_json(storage.read_bytes(storage.join(out, "result.json")).decode())
     assert parsed.epochs_run == 1
     assert storage.exists(storage.join(mirror, "state.json"))

@@ -96,18 +96,8 @@ def test_a_cluster_run_needs_an_s3_checkpoint_uri_and_the_image(dataset: Path, t
     scale_out.check_workers(2, "", {})  # not in a pod: local torchrun, no S3 needed
     scale_out.check_workers(1, "", POD_ENV)  # one process: as before
     with pytest.raises(scale_out.ScaleOutError, match=f"{IMAGE_ENV} is not set.*visionpipe compile --image"):
-        scale_out.train_with_workers(
-            dataset_dir=dataset,
-            outputs=outputs(tmp_path),
-            recipe="digits-cnn",
-            recipe_overrides_json="{}",
-            backbone_dir=None,
-            checkpoint_dir=tmp_path / "ckpt",
-            checkpoint_uri="s3://bucket/checkpoints",
-            mirror="",
-            train_workers=2,
-            task_key=MODEL_URI,
-            environ=POD_ENV,
+        train_two_workers(
+            dataset, tmp_path, recipe_overrides_json="{}", checkpoint_uri="s3://bucket/checkpoints", environ=POD_ENV
         )
     assert not (tmp_path / "model").exists()
 
@@ -150,17 +140,10 @@ def test_on_a_cluster_the_step_runs_a_trainjob_through_s3_and_keeps_its_outputs(
     ]
     api = T.KubeTrainJobApi.connect(Connection(host=trainer.url, token=trainer.token, timeout_s=30.0))
     lines: list[str] = []
-    result = scale_out.train_with_workers(
-        dataset_dir=dataset,
-        outputs=outputs(tmp_path),
-        recipe="digits-cnn",
-        recipe_overrides_json=json.dumps(OVERRIDES),
-        backbone_dir=None,
-        checkpoint_dir=tmp_path / "ckpt",
+    result = train_two_workers(
+        dataset,
+        tmp_path,
         checkpoint_uri=f"{s3_bucket}/checkpoints",
-        mirror="",
-        train_workers=2,
-        task_key=MODEL_URI,
         log=lines.append,
         environ={**POD_ENV, IMAGE_ENV: IMAGE},
         api=api,
@@ -189,24 +172,29 @@ def test_on_a_cluster_the_step_runs_a_trainjob_through_s3_and_keeps_its_outputs(
 @pytest.mark.long
 def test_elsewhere_the_step_runs_local_torchrun_workers(dataset: Path, tmp_path: Path) -> None:
     lines: list[str] = []
-    result = scale_out.train_with_workers(
-        dataset_dir=dataset,
-        outputs=outputs(tmp_path),
-        recipe="digits-cnn",
-        recipe_overrides_json=json.dumps(OVERRIDES),
-        backbone_dir=None,
-        checkpoint_dir=tmp_path / "ckpt",
-        checkpoint_uri="",
-        mirror="",
-        train_workers=2,
-        task_key=MODEL_URI,
-        log=lines.append,
-        environ={},
-    )
+    result = train_two_workers(dataset, tmp_path, checkpoint_uri="", log=lines.append, environ={})
     assert files(tmp_path) >= OUTPUT_FILES and (tmp_path / "curve.png").is_file()
     assert result.epochs_run == 2
     assert any("2 local workers" in line for line in lines)
     assert (tmp_path / "ckpt").is_dir(), "the step's own checkpoint folder holds the workers' checkpoint"
+
+
+def train_two_workers(dataset: Path, tmp_path: Path, **changes: object) -> st.TrainResult:
+    """scale_out.train_with_workers with 2 workers, digits-cnn + OVERRIDES, outputs and checkpoint folder under
+    `tmp_path`; `changes` adds or replaces keyword arguments."""
+    arguments: dict[str, object] = {
+        "dataset_dir": dataset,
+        "outputs": outputs(tmp_path),
+        "recipe": "digits-cnn",
+        "recipe_overrides_json": json.dumps(OVERRIDES),
+        "backbone_dir": None,
+        "checkpoint_dir": tmp_path / "ckpt",
+        "mirror": "",
+        "train_workers": 2,
+        "task_key": MODEL_URI,
+        **changes,
+    }
+    return scale_out.train_with_workers(**arguments)  # type: ignore[arg-type]  # the keywords of train_with_workers
 
 
 def _recipe() -> Recipe:

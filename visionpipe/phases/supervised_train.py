@@ -49,7 +49,7 @@ from visionpipe.specs.preprocess import WEIGHT_DECIMALS, ViewsChoice, ViewsSpec
 from visionpipe.specs.resolve import pending_views, resolve_arch, resolve_preprocess
 from visionpipe.training import distributed
 from visionpipe.training.augment import black_level
-from visionpipe.training.batching import ModelInputs, in_order
+from visionpipe.training.batching import Batch, ModelInputs, in_order
 from visionpipe.training.checkpoint import CheckpointMirror, resume, save_checkpoint
 from visionpipe.training.errors import TrainError, TrainingInterrupted
 from visionpipe.training.loop import TrainState, build_trainable_model, new_state, pick_device, train_epoch
@@ -361,13 +361,14 @@ def predict_logits(
 
 def _predict_inputs(model: nn.Module, inputs: ModelInputs, batch_size: int, device: torch.device) -> FloatArray:
     """fp32 logits of a split's preprocessed inputs (the same values `predict_logits` computes)."""
+    return _forward(model, inputs, in_order(len(inputs), batch_size), device).cpu().numpy().astype(np.float32)
+
+
+def _forward(model: nn.Module, inputs: ModelInputs, batches: list[Batch], device: torch.device) -> torch.Tensor:
+    """fp32 logits of `inputs`' images in `batches` (index arrays), in that order, on `device`; eval mode."""
     model.eval()
-    out: list[FloatArray] = []
-    batches = in_order(len(inputs), batch_size)
     with torch.no_grad():
-        for x, _ in inputs.iterate(batches, 0):
-            out.append(model(x.to(device)).float().cpu().numpy())
-    return np.concatenate(out).astype(np.float32)
+        return torch.cat([model(x.to(device)).float() for x, _ in inputs.iterate(batches, 0)])
 
 
 def _predict_inputs_sharded(
@@ -378,12 +379,7 @@ def _predict_inputs_sharded(
     logits are gathered back in order on every rank."""
     n = len(inputs)
     mine = distributed.equal_share(n, ctx.world_size, ctx.rank)
-    model.eval()
-    out: list[torch.Tensor] = []
-    with torch.no_grad():
-        for x, _ in inputs.iterate([mine[i : i + batch_size] for i in range(0, len(mine), batch_size)], 0):
-            out.append(model(x.to(device)).float())
-    local = torch.cat(out)
+    local = _forward(model, inputs, [mine[b] for b in in_order(len(mine), batch_size)], device)
     gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
     torch.distributed.all_gather(gathered, local)
     return torch.cat(gathered)[:n].cpu().numpy().astype(np.float32)
